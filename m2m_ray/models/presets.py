@@ -1,0 +1,266 @@
+"""Model presets: where the SD-2.1-base components and DINOv2 come from.
+
+- ``sd21-base``: the real weights, ``from_pretrained("stabilityai/stable-diffusion-2-1-base",
+  subfolder=...)`` and ``facebook/dinov2-giant`` (or local folders given in ``ModelConfig``).
+- ``tiny``: the same architectures from small configs with seeded random weights, built in-process
+  with no download; the tokenizer is the real CLIP BPE (``clip_tokenizer``). Tests and the offline
+  demo use it.
+- ``sd21-base-shapes``: the full SD-2.1-base / DINOv2-giant architectures with random weights and no
+  download, for speed and memory work where only the shapes matter.
+
+A hub load that fails (offline machine, missing cache) raises ``PresetUnavailableError`` naming the
+``tiny`` preset.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from m2m_ray.models.clip_tokenizer import clip_tokenizer
+
+if TYPE_CHECKING:
+    from m2m_ray.config import ModelConfig
+
+SD21_BASE_ID = "stabilityai/stable-diffusion-2-1-base"
+DINOV2_GIANT_ID = "facebook/dinov2-giant"
+
+# The published configs of SD-2.1-base (unet/, vae/, text_encoder/, scheduler/) and DINOv2-giant.
+SD21_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+    norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
+)
+SD21_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), sample_size=768,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SD21_TEXT_CONFIG: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+    num_attention_heads=16, max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+SD21_SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+)
+DINOV2_GIANT_CONFIG: dict[str, Any] = dict(
+    hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4, patch_size=14,
+    image_size=518, use_swiglu_ffn=True, layerscale_value=1.0,
+)
+
+TINY_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(2, 4, 4), cross_attention_dim=32, use_linear_projection=True,
+    norm_num_groups=8, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
+)
+TINY_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(16, 16, 32, 32), sample_size=64,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+TINY_TEXT_CONFIG: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+TINY_DINO_CONFIG: dict[str, Any] = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=8,
+    image_size=64,
+)
+
+SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+}
+
+
+class PresetUnavailableError(RuntimeError):
+    """A pretrained component could not be loaded (typically: no hub access)."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    pretrained: bool                    # True: load weights with from_pretrained
+    resolution: int                     # native image size in pixels
+    dino_resolution: int                # DINO input size (a multiple of its patch size)
+    sd_model_id: str | None = None
+    dino_model_id: str | None = None
+    unet_config: dict[str, Any] = field(default_factory=dict)
+    vae_config: dict[str, Any] = field(default_factory=dict)
+    text_config: dict[str, Any] = field(default_factory=dict)
+    dino_config: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "sd21-base": Preset("sd21-base", pretrained=True, resolution=512, dino_resolution=224,
+                        sd_model_id=SD21_BASE_ID, dino_model_id=DINOV2_GIANT_ID),
+    "sd21-base-shapes": Preset(
+        "sd21-base-shapes", pretrained=False, resolution=512, dino_resolution=224,
+        unet_config=SD21_UNET_CONFIG, vae_config=SD21_VAE_CONFIG, text_config=SD21_TEXT_CONFIG,
+        dino_config=DINOV2_GIANT_CONFIG),
+    "tiny": Preset(
+        "tiny", pretrained=False, resolution=64, dino_resolution=64,
+        unet_config=TINY_UNET_CONFIG, vae_config=TINY_VAE_CONFIG, text_config=TINY_TEXT_CONFIG,
+        dino_config=TINY_DINO_CONFIG),
+}
+
+
+def get_preset(model: "ModelConfig") -> Preset:
+    preset = PRESETS[model.preset]
+    if model.sd_model_id or model.dino_model_id:
+        # Explicit ids turn a preset into a pretrained one for that component.
+        updates = {}
+        if model.sd_model_id:
+            updates.update(sd_model_id=model.sd_model_id, pretrained=True)
+        if model.dino_model_id:
+            updates.update(dino_model_id=model.dino_model_id)
+        preset = Preset(**{**preset.__dict__, **updates})
+    return preset
+
+
+def _from_hub(load: Callable[..., Any], model_id: str, what: str, **kwargs: Any) -> Any:
+    try:
+        return load(model_id, **kwargs)
+    except Exception as err:  # hub/cache errors come as OSError, ValueError or HTTP errors
+        raise PresetUnavailableError(
+            f"could not load {what} from {model_id!r} ({type(err).__name__}: {err}). This machine "
+            "may be offline or lack the model in its Hugging Face cache. For an offline run use "
+            "the `tiny` preset (--model.preset=tiny); for real weights download the model once "
+            "(huggingface-cli download ...) or set model.sd_model_id / model.dino_model_id to a "
+            "local folder."
+        ) from err
+
+
+def _seeded(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
+    """Build a module with random weights that depend on ``seed`` only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _finish(module: torch.nn.Module, device: torch.device | str | None,
+            dtype: torch.dtype | None) -> torch.nn.Module:
+    if device is not None or dtype is not None:
+        module = module.to(device=device, dtype=dtype)
+    return module.eval()
+
+
+def unet_config(model: "ModelConfig") -> dict[str, Any]:
+    """The base UNet's config (a copy, safe to edit)."""
+    preset = get_preset(model)
+    if preset.pretrained:
+        from diffusers import UNet2DConditionModel
+
+        config = _from_hub(UNet2DConditionModel.load_config, preset.sd_model_id, "the UNet config",
+                           subfolder="unet")
+        return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return copy.deepcopy(preset.unet_config)
+
+
+def load_unet(model: "ModelConfig", device=None, dtype=None):
+    from diffusers import UNet2DConditionModel
+
+    preset = get_preset(model)
+    if preset.pretrained:
+        unet = _from_hub(UNet2DConditionModel.from_pretrained, preset.sd_model_id, "the UNet",
+                         subfolder="unet")
+    else:
+        unet = _seeded(lambda: UNet2DConditionModel(**preset.unet_config), model.seed)
+    return _finish(unet, device, dtype)
+
+
+def load_vae(model: "ModelConfig", device=None, dtype=None):
+    from diffusers import AutoencoderKL
+
+    preset = get_preset(model)
+    if preset.pretrained:
+        vae = _from_hub(AutoencoderKL.from_pretrained, preset.sd_model_id, "the VAE",
+                        subfolder="vae")
+    else:
+        vae = _seeded(lambda: AutoencoderKL(**preset.vae_config), model.seed + 1)
+    return _finish(vae, device, dtype)
+
+
+def load_text_encoder(model: "ModelConfig", device=None, dtype=None):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    preset = get_preset(model)
+    if preset.pretrained:
+        encoder = _from_hub(CLIPTextModel.from_pretrained, preset.sd_model_id,
+                            "the text encoder", subfolder="text_encoder")
+    else:
+        encoder = _seeded(lambda: CLIPTextModel(CLIPTextConfig(**preset.text_config)),
+                          model.seed + 2)
+    return _finish(encoder, device, dtype)
+
+
+def load_tokenizer(model: "ModelConfig"):
+    from transformers import CLIPTokenizer
+
+    preset = get_preset(model)
+    if preset.pretrained:
+        return _from_hub(CLIPTokenizer.from_pretrained, preset.sd_model_id, "the tokenizer",
+                         subfolder="tokenizer")
+    return clip_tokenizer()
+
+
+def load_scheduler(model: "ModelConfig", kind: str):
+    """A fresh scheduler of ``kind`` (euler, ddim, pndm, dpmsolver++) on SD-2.1's noise schedule."""
+    import diffusers
+
+    if kind not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {kind!r}; expected one of {sorted(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[kind])
+    preset = get_preset(model)
+    if preset.pretrained:
+        config = _from_hub(diffusers.DDIMScheduler.load_config, preset.sd_model_id,
+                           "the scheduler config", subfolder="scheduler")
+        return cls.from_config(config)
+    return cls.from_config(SD21_SCHEDULER_CONFIG)
+
+
+def load_dino(model: "ModelConfig", device=None, dtype=None):
+    """The frozen DINOv2 encoder (M2M-DINO's context), in eval mode without gradients."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    preset = get_preset(model)
+    if preset.dino_model_id:
+        dino = _from_hub(Dinov2Model.from_pretrained, preset.dino_model_id, "DINOv2")
+    else:
+        dino = _seeded(lambda: Dinov2Model(Dinov2Config(**preset.dino_config)), model.seed + 3)
+    dino.requires_grad_(False)
+    return _finish(dino, device, dtype)
+
+
+def load_sd_pipeline(model: "ModelConfig", scheduler: str, device=None, dtype=None):
+    """A ``StableDiffusionPipeline`` assembled from this preset's components (no safety checker:
+    MIS is built from captions, and the checker's hub weights are not part of SD-2.1-base)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=load_vae(model, device, dtype),
+        text_encoder=load_text_encoder(model, device, dtype),
+        tokenizer=load_tokenizer(model),
+        unet=load_unet(model, device, dtype),
+        scheduler=load_scheduler(model, scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

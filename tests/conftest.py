@@ -1,0 +1,88 @@
+"""Shared fixtures: a private local Ray per module, a moto S3 server on loopback."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/ray_head.py and friends
+
+from ray_head import free_port  # noqa: E402
+
+# Ray-based tests of concurrent pytest runs on this machine take turns: two local Rays on 2 cores
+# starve each other into timeouts.
+_RAY_LOCK_PATH = os.path.join(tempfile.gettempdir(), "m2m_ray-tests-ray.lock")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray (4 logical CPUs, own temp dir) for one test module."""
+    import ray
+
+    with open(_RAY_LOCK_PATH, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.init(address="local", num_cpus=4, _temp_dir=temp_dir, include_dashboard=False,
+                 log_to_driver=True)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1; yields its endpoint URL. Credentials are dummies."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.3)
+    saved = {k: os.environ.get(k) for k in
+             ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield endpoint
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the moto server; yields ``(endpoint, bucket)``."""
+    import uuid
+
+    import boto3
+
+    bucket = f"m2m-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(
+        Bucket=bucket)
+    return s3_server, bucket
