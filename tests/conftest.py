@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -16,11 +17,18 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ray_head.py and friends
 
-from ray_head import free_port  # noqa: E402
+from ray_head import free_port, start_head  # noqa: E402
 
-# Ray-based tests of concurrent pytest runs on this machine take turns: two local Rays on 2 cores
-# starve each other into timeouts.
+# Ray-based tests of concurrent pytest runs on this machine take turns: two Rays on 2 cores starve
+# each other into timeouts. Every fixture that starts Ray holds this lock while Ray runs.
 _RAY_LOCK_PATH = os.path.join(tempfile.gettempdir(), "m2m_ray-tests-ray.lock")
+
+
+@contextlib.contextmanager
+def ray_turn():
+    with open(_RAY_LOCK_PATH, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +36,7 @@ def ray_local():
     """A private local Ray (4 logical CPUs, own temp dir) for one test module."""
     import ray
 
-    with open(_RAY_LOCK_PATH, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with ray_turn():
         temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
         os.environ.pop("RAY_ADDRESS", None)
         ray.init(address="local", num_cpus=4, _temp_dir=temp_dir, include_dashboard=False,
@@ -39,6 +46,17 @@ def ray_local():
         finally:
             ray.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head on loopback with token auth and the dashboard (tests/ray_head.py)."""
+    with ray_turn():
+        head = start_head(num_cpus=4)
+        try:
+            yield head
+        finally:
+            head.stop()
 
 
 @pytest.fixture(scope="session")
