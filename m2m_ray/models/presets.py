@@ -155,8 +155,11 @@ def _seeded(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
 
 def _finish(module: torch.nn.Module, device: torch.device | str | None,
             dtype: torch.dtype | None) -> torch.nn.Module:
-    if device is not None or dtype is not None:
-        module = module.to(device=device, dtype=dtype)
+    current = next(module.parameters())
+    if dtype is not None and dtype != current.dtype:
+        module = module.to(dtype=dtype)
+    if device is not None and torch.device(device) != current.device:
+        module = module.to(device=device)
     return module.eval()
 
 

@@ -1,0 +1,168 @@
+"""MIS stage 2: fan pending caption shards over SD generator actors into committed shards.
+
+Ray is a thin distributor here (STYLE.md, img2dataset's lesson): the work unit is one caption shard of
+stage 1; a ``ShardWorker`` actor (one SD pipeline each, ``num_gpus`` from config) generates the whole
+shard, encodes images on a thread pool while the GPU denoises the next batch, writes the shard's files
+and commits them (``shards.ShardWriter``). The driver only lists pending shards and starts rounds:
+
+- a shard whose stats file exists is committed and never redone;
+- an actor that dies mid-shard is restarted by Ray Data, which retries its task (the shard starts over
+  in a fresh temporary folder; nothing partial was published);
+- a round that fails as a whole (e.g. a shard that keeps failing) is followed by another round over
+  what is still pending, up to ``generate.max_shard_attempts`` rounds;
+- a killed driver is rerun with the same config and picks up the pending shards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from m2m_ray import storage
+from m2m_ray.config import BuildMISConfig, config_to_dict
+from m2m_ray.mis.captions import load_shard_captions, read_captions_stats
+from m2m_ray.mis.generate import SDSetGenerator, encoded_sets
+from m2m_ray.mis.shards import MISLayout, ShardWriter, write_manifest
+
+log = logging.getLogger(__name__)
+
+# Settings that change the images: a dataset must not mix shards made with different values.
+_IMAGE_SETTINGS = ("images_per_caption", "base_seed", "num_inference_steps", "scheduler",
+                   "guidance_scale", "height", "width", "image_format", "image_quality",
+                   "keep_latents")
+
+
+class ShardWorker:
+    """Ray Data callable class: ``{"shard_id": [...]}`` → one result row per shard."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = BuildMISConfig.model_validate(cfg)
+        self.layout = MISLayout(self.cfg.output_uri, self.cfg.storage)
+        self.generator = SDSetGenerator(self.cfg.model, self.cfg.generate)
+        # One thread assembles a batch's records while the GPU denoises the next batch; it fans the
+        # image encoding out to a pool (PIL releases the GIL while encoding).
+        self.batch_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="assemble")
+        self.image_pool = cf.ThreadPoolExecutor(self.cfg.generate.encode_threads,
+                                                thread_name_prefix="encode")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.generate_shard(int(sid)) for sid in batch["shard_id"]]
+        return {key: np.asarray([row[key] for row in rows]) for key in rows[0]}
+
+    def generate_shard(self, sid: int) -> dict[str, Any]:
+        if self.layout.is_committed(sid):  # committed by an earlier round or a racing retry
+            return {"shard_id": sid, "status": "skipped", "sets": 0, "images": 0, "seconds": 0.0}
+        start = time.perf_counter()
+        rows = load_shard_captions(self.cfg.output_uri, sid, self.cfg.storage).to_pylist()
+        writer = ShardWriter(self.layout, sid, self.cfg.generate.formats)
+        timings: dict[str, float] = {}
+        try:
+            for records in encoded_sets(self.generator, rows, self.image_pool, self.batch_pool,
+                                        timings, lambda begin: self._maybe_crash(sid, begin, len(rows))):
+                writer.add(records)
+            seconds = time.perf_counter() - start
+            writer.commit({
+                "seconds": round(seconds, 3),
+                "generate_seconds": round(timings["generate_seconds"], 3),
+                "images_per_second": round(writer.num_images / max(seconds, 1e-9), 3),
+                "metadata": self.generator.metadata, "config": config_to_dict(self.cfg.generate),
+                "host": os.uname().nodename, "device": str(self.generator.device),
+            })
+        except BaseException:
+            writer.abort()
+            raise
+        return {"shard_id": sid, "status": "committed", "sets": writer.num_sets,
+                "images": writer.num_images, "seconds": seconds}
+
+    def _maybe_crash(self, sid: int, begin: int, total: int) -> None:
+        """Fault injection for tests: die half-way through the chosen shard, once."""
+        target = self.cfg.generate.fault_injection.crash_actor_on_shard
+        if target != sid or begin < total // 2:
+            return
+        marker = self.layout.fault_marker(sid)
+        if storage.exists(marker, self.cfg.storage):
+            return
+        storage.write_bytes(marker, b"crashed once on purpose\n", self.cfg.storage)
+        log.warning("fault injection: killing generator actor mid-way through shard %d", sid)
+        os._exit(1)
+
+
+def _check_settings(layout: MISLayout, cfg: BuildMISConfig) -> None:
+    """Refuse to add shards made with other image settings to an existing dataset."""
+    if not storage.exists(layout.config, cfg.storage):
+        return
+    import json
+
+    saved = json.loads(storage.read_bytes(layout.config, cfg.storage))["config"]
+    saved_gen, gen = saved["generate"], config_to_dict(cfg.generate)
+    changed = {k: (saved_gen.get(k), gen[k]) for k in _IMAGE_SETTINGS if saved_gen.get(k) != gen[k]}
+    if saved["model"] != config_to_dict(cfg.model):
+        changed["model"] = (saved["model"], config_to_dict(cfg.model))
+    if changed:
+        detail = ", ".join(f"{k}: dataset has {a!r}, config has {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(
+            f"{cfg.output_uri} already holds MIS shards generated with other settings ({detail}). "
+            "Resume with the same settings, or write to a new output_uri.")
+
+
+def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
+    """Generate every pending shard; returns the manifest plus run totals."""
+    import ray
+
+    from m2m_ray.config import save_config
+
+    layout = MISLayout(cfg.output_uri, cfg.storage)
+    caption_stats = read_captions_stats(cfg.output_uri, cfg.storage)
+    expected = sorted(int(sid) for sid in caption_stats["shards"])
+    _check_settings(layout, cfg)
+    save_config(cfg, layout.config, cfg.storage)
+    gen = cfg.generate
+    if gen.num_gpus > 0 and not ray.cluster_resources().get("GPU"):
+        log.warning("generate.num_gpus=%s but the cluster has no GPU yet: the actors wait for "
+                    "an autoscaler to add GPU nodes", gen.num_gpus)
+    start = time.perf_counter()
+    generated = {"sets": 0, "images": 0, "shards": 0}
+    for attempt in range(1, gen.max_shard_attempts + 1):
+        pending = [sid for sid in expected if not layout.is_committed(sid)]
+        if not pending:
+            break
+        log.info("round %d: %d of %d shards pending", attempt, len(pending), len(expected))
+        shards = ray.data.from_items([{"shard_id": sid} for sid in pending],
+                                     override_num_blocks=len(pending))
+        results = shards.map_batches(
+            ShardWorker,
+            fn_constructor_kwargs={"cfg": config_to_dict(cfg)},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(
+                min_size=min(gen.min_actors, len(pending)),
+                max_size=min(gen.max_actors, len(pending)),
+                max_tasks_in_flight_per_actor=1),
+            num_gpus=gen.num_gpus,
+            num_cpus=gen.num_cpus,
+        )
+        try:
+            for row in results.iter_rows():
+                if row["status"] == "committed":
+                    generated["shards"] += 1
+                    generated["sets"] += int(row["sets"])
+                    generated["images"] += int(row["images"])
+        except Exception as err:  # a round can fail as a whole; the next one retries what is left
+            log.error("round %d failed (%s: %s); pending shards are retried", attempt,
+                      type(err).__name__, err)
+    seconds = time.perf_counter() - start
+    manifest = write_manifest(layout, expected, {
+        "rejected_captions": sum(caption_stats["rejected"].values()),
+        "kept_captions": caption_stats["kept"],
+    })
+    if manifest["pending_shards"]:
+        raise RuntimeError(
+            f"{len(manifest['pending_shards'])} shards still pending after "
+            f"{gen.max_shard_attempts} rounds: {manifest['pending_shards'][:10]}; see the actor "
+            "logs (Ray dashboard) and rerun the same command to retry them")
+    return {**manifest, "this_run": {**generated, "seconds": round(seconds, 3),
+                                     "images_per_second": round(generated["images"] / max(seconds, 1e-9), 3)}}

@@ -1,0 +1,73 @@
+"""A PNG contact sheet of MIS sets: one row per set (its images in seed order), caption underneath.
+
+    python -m m2m_ray.mis.preview <dataset root> --out sheet.png [--sets 8] [--thumb 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import sys
+import textwrap
+
+from PIL import Image, ImageDraw, ImageFont
+
+from m2m_ray import storage
+from m2m_ray.config import StorageConfig
+from m2m_ray.data.mis import iter_mis
+
+PAD = 4
+CAPTION_LINES = 2
+
+
+def contact_sheet(rows: list[tuple[str, list[Image.Image]]], thumb: int = 96) -> Image.Image:
+    """``rows`` of ``(caption, images)`` → one sheet, images scaled to ``thumb`` px squares."""
+    font = ImageFont.load_default()
+    line_height = 12
+    cols = max(len(images) for _, images in rows)
+    row_height = thumb + CAPTION_LINES * line_height + 2 * PAD
+    sheet = Image.new("RGB", (cols * (thumb + PAD) + PAD, len(rows) * row_height + PAD), "white")
+    draw = ImageDraw.Draw(sheet)
+    chars_per_line = max(20, (sheet.width - 2 * PAD) // 6)
+    for r, (caption, images) in enumerate(rows):
+        top = PAD + r * row_height
+        for c, image in enumerate(images):
+            sheet.paste(image.convert("RGB").resize((thumb, thumb)), (PAD + c * (thumb + PAD), top))
+        lines = textwrap.wrap(caption, chars_per_line)[:CAPTION_LINES]
+        for i, line in enumerate(lines):
+            draw.text((PAD, top + thumb + 2 + i * line_height), line, fill="black", font=font)
+    return sheet
+
+
+def preview(root: str, out: str, num_sets: int = 8, thumb: int = 96, fmt: str = "parquet",
+            storage_cfg: StorageConfig | None = None) -> int:
+    rows = []
+    for sample in itertools.islice(iter_mis(root, fmt, storage_cfg), num_sets):
+        images = [Image.open(io.BytesIO(data)) for data in sample["images"]]
+        rows.append((f"[{sample['caption_id']}] {sample['caption']}", images))
+    if not rows:
+        raise FileNotFoundError(f"no committed {fmt} sets under {root}")
+    buffer = io.BytesIO()
+    contact_sheet(rows, thumb).save(buffer, format="PNG")
+    storage.write_bytes(out, buffer.getvalue(), storage_cfg)
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root")
+    parser.add_argument("--out", required=True, help="PNG path or URI")
+    parser.add_argument("--sets", type=int, default=8)
+    parser.add_argument("--thumb", type=int, default=96)
+    parser.add_argument("--format", default="parquet", choices=["parquet", "webdataset"])
+    parser.add_argument("--endpoint-url", default=None)
+    args = parser.parse_args(argv)
+    n = preview(args.root, args.out, args.sets, args.thumb, args.format,
+                StorageConfig(endpoint_url=args.endpoint_url))
+    print(f"wrote {args.out}: {n} sets")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""MIS shard files: where they live, how one is written and committed, and the manifest.
+
+Layout under a dataset root (local path or s3://)::
+
+    mis/parquet/<shard>.parquet       one row per image set
+    mis/webdataset/<shard>.tar        one entry group per set: <key>.json, <key>.00.jpg ... <key>.latents.npy
+    mis/stats/<shard>.json            the shard's commit mark, written last
+    mis/manifest.json                 committed shards and totals, rewritten at the end of every run
+    mis/generate_config.json          the settings every shard of this dataset was generated with
+
+A shard is built in a local temporary folder, moved to its final names (atomic rename locally; a
+single PUT on S3, which makes an object visible only once whole) and committed by writing its stats
+JSON last. Readers and reruns trust only shards whose stats file exists, so a killed job never leaves
+a partial shard that counts as committed, and a rerun redoes exactly the uncommitted ones.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from m2m_ray import storage
+from m2m_ray.config import StorageConfig
+from m2m_ray.mis.ids import shard_name
+
+IMAGE_EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
+
+PARQUET_SCHEMA = pa.schema([
+    ("caption_id", pa.int64()),
+    ("shard_id", pa.int64()),
+    ("split", pa.string()),
+    ("caption", pa.string()),
+    ("url", pa.string()),
+    ("seeds", pa.list_(pa.int64())),
+    ("images", pa.list_(pa.binary())),
+    ("latents", pa.binary()),          # .npy bytes, float16 [N, 4, h, w]; null when not kept
+    ("metadata", pa.string()),         # JSON: generation settings, enough to regenerate
+])
+
+
+@dataclass
+class SetRecord:
+    """One encoded image set, the unit both formats store."""
+
+    caption_id: int
+    shard_id: int
+    split: str
+    caption: str
+    url: str
+    seeds: list[int]
+    images: list[bytes]                # encoded, in seed order
+    image_ext: str                     # jpg / webp / png
+    latents: bytes | None              # .npy bytes or None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """WebDataset key: the zero-padded caption id (no dots, sorts like the ids)."""
+        return f"{self.caption_id:020d}"
+
+    def json_header(self) -> dict[str, Any]:
+        return {"caption_id": self.caption_id, "shard_id": self.shard_id, "split": self.split,
+                "caption": self.caption, "url": self.url, "seeds": self.seeds,
+                "image_ext": self.image_ext, "metadata": self.metadata}
+
+
+def latents_to_npy(latents: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, latents.astype(np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def npy_to_latents(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class MISLayout:
+    """Paths of a MIS dataset rooted at ``root``."""
+
+    def __init__(self, root: str, storage_cfg: StorageConfig | None = None):
+        self.root = root
+        self.storage = storage_cfg
+        self.mis = storage.join(root, "mis")
+
+    def parquet(self, sid: int) -> str:
+        return storage.join(self.mis, "parquet", f"{shard_name(sid)}.parquet")
+
+    def webdataset(self, sid: int) -> str:
+        return storage.join(self.mis, "webdataset", f"{shard_name(sid)}.tar")
+
+    def stats(self, sid: int) -> str:
+        return storage.join(self.mis, "stats", f"{shard_name(sid)}.json")
+
+    @property
+    def manifest(self) -> str:
+        return storage.join(self.mis, "manifest.json")
+
+    @property
+    def config(self) -> str:
+        return storage.join(self.mis, "generate_config.json")
+
+    def fault_marker(self, sid: int) -> str:
+        return storage.join(self.mis, "_faults", f"{shard_name(sid)}.crashed")
+
+    def is_committed(self, sid: int) -> bool:
+        return storage.exists(self.stats(sid), self.storage)
+
+    def committed_stats(self) -> dict[int, dict[str, Any]]:
+        """Stats of every committed shard, keyed by shard id."""
+        out = {}
+        for uri in storage.list_files(storage.join(self.mis, "stats"), self.storage, ".json"):
+            stats = json.loads(storage.read_bytes(uri, self.storage))
+            out[int(stats["shard_id"])] = stats
+        return out
+
+
+class ShardWriter:
+    """Writes one shard's sets, in order, to local temporary files; ``commit`` publishes them.
+
+    Parquet gets a row group per ``add`` call; the tar is streamed, with fixed member metadata
+    (mtime 0, uid 0) so the same sets give the same bytes.
+    """
+
+    def __init__(self, layout: MISLayout, sid: int, formats: list[str]):
+        self.layout, self.sid, self.formats = layout, sid, list(formats)
+        self._tmp = tempfile.mkdtemp(prefix=f"{shard_name(sid)}-")
+        self._parquet = (pq.ParquetWriter(os.path.join(self._tmp, "shard.parquet"), PARQUET_SCHEMA)
+                         if "parquet" in formats else None)
+        self._tar = (tarfile.open(os.path.join(self._tmp, "shard.tar"), "w", format=tarfile.USTAR_FORMAT)
+                     if "webdataset" in formats else None)
+        self.num_sets = 0
+        self.num_images = 0
+        self.num_bytes = 0
+
+    def add(self, records: list[SetRecord]) -> None:
+        if not records:
+            return
+        if self._parquet is not None:
+            self._parquet.write_table(pa.Table.from_pylist([{
+                "caption_id": r.caption_id, "shard_id": r.shard_id, "split": r.split,
+                "caption": r.caption, "url": r.url, "seeds": r.seeds, "images": r.images,
+                "latents": r.latents, "metadata": json.dumps(r.metadata, sort_keys=True),
+            } for r in records], schema=PARQUET_SCHEMA))
+        if self._tar is not None:
+            for r in records:
+                self._tar_add(f"{r.key}.json", json.dumps(r.json_header(), sort_keys=True).encode())
+                for index, image in enumerate(r.images):
+                    self._tar_add(f"{r.key}.{index:02d}.{r.image_ext}", image)
+                if r.latents is not None:
+                    self._tar_add(f"{r.key}.latents.npy", r.latents)
+        self.num_sets += len(records)
+        self.num_images += sum(len(r.images) for r in records)
+        self.num_bytes += sum(sum(map(len, r.images)) for r in records)
+
+    def _tar_add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def commit(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Publish the shard's files, then its stats JSON (the commit mark). Returns the stats."""
+        if self._parquet is not None:
+            self._parquet.close()
+        if self._tar is not None:
+            self._tar.close()
+        try:
+            if self._parquet is not None:
+                _publish(os.path.join(self._tmp, "shard.parquet"), self.layout.parquet(self.sid),
+                         self.layout.storage)
+            if self._tar is not None:
+                _publish(os.path.join(self._tmp, "shard.tar"), self.layout.webdataset(self.sid),
+                         self.layout.storage)
+            stats = {"shard_id": self.sid, "shard": shard_name(self.sid), "sets": self.num_sets,
+                     "images": self.num_images, "image_bytes": self.num_bytes,
+                     "formats": self.formats, **stats}
+            storage.write_bytes(self.layout.stats(self.sid),
+                                json.dumps(stats, indent=2, sort_keys=True).encode(),
+                                self.layout.storage)
+            return stats
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def abort(self) -> None:
+        for handle in (self._parquet, self._tar):
+            if handle is not None:
+                handle.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _publish(local_path: str, uri: str, storage_cfg: StorageConfig | None) -> None:
+    """Move a finished local file to its final URI without a window where a partial file shows."""
+    fs, path = storage.fsspec_filesystem(uri, storage_cfg)
+    if storage.is_remote(uri):
+        fs.put_file(local_path, path)  # one object PUT: visible only once complete
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.partial"
+    shutil.copyfile(local_path, tmp)  # may cross filesystems; the rename below is atomic
+    os.replace(tmp, path)
+
+
+def write_manifest(layout: MISLayout, expected_shards: list[int],
+                   extra: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the manifest from the committed shards' stats files (the source of truth)."""
+    committed = layout.committed_stats()
+    shards = [{"shard_id": sid, "shard": s["shard"], "sets": s["sets"], "images": s["images"],
+               "formats": s["formats"]} for sid, s in sorted(committed.items())]
+    manifest = {
+        "shards": shards,
+        "committed_shards": len(shards),
+        "expected_shards": len(expected_shards),
+        "pending_shards": sorted(set(expected_shards) - set(committed)),
+        "sets": sum(s["sets"] for s in shards),
+        "images": sum(s["images"] for s in shards),
+        **extra,
+    }
+    storage.write_bytes(layout.manifest, json.dumps(manifest, indent=2).encode(), layout.storage)
+    return manifest
