@@ -74,6 +74,34 @@ class ModelConfig(StrictModel):
     seed: int = Field(0, description="Seed of the random weights of the tiny/shapes presets.")
 
 
+class M2MConfig(StrictModel):
+    """Architecture of the M2M UNet (m2m_ray.models.m2m_unet); saved in every checkpoint."""
+
+    variant: Literal["self", "dino"] = Field(
+        "self",
+        description="self: context = the UNet's own hidden states of clean latents (t=0) at each "
+        "image-set attention site; dino: context = DINOv2 last hidden states of clean images.",
+    )
+    task_conditions: list[Literal["camera", "position"]] = Field(
+        default_factory=list,
+        description="Per-image task conditions (paper §6.2): camera = MLP over camera extrinsics "
+        "(novel view synthesis), position = sinusoidal index + MLP (visual procedures). Empty for "
+        "pre-training on MIS.",
+    )
+    task_embed_dim: int = Field(
+        256, ge=8, multiple_of=2,
+        description="Width of the task-condition embedding before its zero-initialized per-site "
+        "projections.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_conditions(self) -> "M2MConfig":
+        if len(set(self.task_conditions)) != len(self.task_conditions):
+            raise ValueError(f"task_conditions {self.task_conditions} repeats a condition; "
+                             "list each of camera/position at most once")
+        return self
+
+
 # ---------------------------------------------------------------------------------------------
 # Building MIS
 # ---------------------------------------------------------------------------------------------
@@ -94,8 +122,9 @@ class CaptionsConfig(StrictModel):
         description="Input lines per caption shard; a shard is stage 2's unit of work and commit.",
     )
     range_bytes: int = Field(
-        64 * 2**20, ge=1,
-        description="Byte range of an uncompressed input read by one task (.gz: one task per file).",
+        16 * 2**20, ge=1,
+        description="Byte range of an uncompressed input read by one task (.gz: one task per "
+        "file); 16 MiB ≈ 100k CC12M lines ≈ 10 s of one CPU, small enough to balance many CPUs.",
     )
     batch_size: int = Field(4096, ge=1, description="Captions per tokenizer call.")
     test_fraction: float = Field(
@@ -103,6 +132,10 @@ class CaptionsConfig(StrictModel):
         description="Fraction of captions put in the test split, by a hash of caption_id.",
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per caption task.")
+    max_actors: int | None = Field(
+        None, ge=1, description="Upper bound of the tokenizing actor pool; None: grow with the "
+        "cluster's free CPUs.",
+    )
 
 
 class FaultInjectionConfig(StrictModel):
@@ -141,6 +174,8 @@ class GenerateConfig(StrictModel):
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1, description="Upper bound of the actor pool; an autoscaling "
                             "cluster grows towards it.")
+    vae_batch_size: int = Field(8, ge=1, description="Latents decoded per VAE call (bounds "
+                                "decoder memory at 512 px).")
     encode_threads: int = Field(4, ge=1, description="Threads per actor encoding and writing "
                                 "images while the GPU denoises the next batch.")
     max_shard_attempts: int = Field(3, ge=1, description="Rounds over pending shards before "
