@@ -1,0 +1,245 @@
+"""The evaluation job on Ray Data: a generations folder → per-k FID, IS, CLIP-T, CLIP-I → reports.
+
+Data flow (paper Table 1 protocol, K context images and M generated images per set)::
+
+    generations.jsonl ──driver: validate sets (K, M, split)──► one row per set
+      ─► map_batches(SetFeatureExtractor, ActorPoolStrategy, num_gpus)   GPU actors
+           one row per image: group (0 = context, k = 1..M), Inception pool features,
+           class probabilities, CLIP-T and CLIP-I scores (a set's context stays on one actor)
+      ─► sort("group") ─► map_batches(reduce_partials, reduce_batch_rows)   CPU tasks
+           one row per (batch, group): pickled GroupStats (count, Σx, Σxxᵀ, Σp, Σ p log p, ...)
+      ─► driver: merge the partial statistics by addition, compute the metrics, write reports
+
+The sort makes each reduce batch hold (mostly) one group, so a partial statistic (d² floats)
+summarises many images; the driver holds only the M + 1 merged statistics, never the features.
+A bad set (too few images, unreadable image, wrong split) is skipped and counted with its reason,
+or stops the job, per ``EvalConfig.on_bad_set``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from m2m_ray.config import EvalConfig, config_to_dict
+from m2m_ray.eval import generations as gen
+from m2m_ray.eval.stats import GroupStats, clip_score, fid_from_moments, neg_entropy, softmax64
+
+SKIPPED = -1  # group of the rows that stand for a skipped set
+CONTEXT = 0   # group of the real preceding images; k = 1..M are the generated ones
+
+
+class EvalInputError(ValueError):
+    """Bad input sets with ``on_bad_set="error"``."""
+
+
+def is_split_of(set_id: str, splits: int) -> int:
+    """IS split of a set: a hash of its id, so the same under any parallelism or order."""
+    digest = hashlib.blake2b(set_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % splits
+
+
+def select_sets(sets: list[gen.GenerationSet],
+                cfg: EvalConfig) -> tuple[list[gen.GenerationSet], list[dict[str, str]]]:
+    """Sets to evaluate and ``{set_id, kind, reason}`` of those that cannot be (checked from the
+    index alone; unreadable images are found by the actors)."""
+    K, M = cfg.context_images, cfg.generated_images
+    selected, skipped = [], []
+    for record in sets:
+        problems = {}  # kind → detail
+        if len(record.context) < K:
+            problems["too few context images"] = f"{len(record.context)} context images < K = {K}"
+        if len(record.generated) < M:
+            problems["too few generated images"] = (f"{len(record.generated)} generated images "
+                                                    f"< M = {M}")
+        split = record.meta.get("split")
+        if cfg.expected_split and split is not None and split != cfg.expected_split:
+            problems["wrong split"] = f"split {split!r} != expected {cfg.expected_split!r}"
+        if problems:
+            skipped.append({"set_id": record.set_id, "kind": " + ".join(problems),
+                            "reason": "; ".join(problems.values())})
+        elif cfg.max_sets is None or len(selected) < cfg.max_sets:
+            selected.append(record)
+    return selected, skipped
+
+
+class SetFeatureExtractor:
+    """Ray Data actor: a batch of sets → one row per image with features and CLIP scores."""
+
+    def __init__(self, cfg_dict: dict[str, Any]) -> None:
+        import torch
+
+        from m2m_ray.eval.extractors import Extractors
+
+        self.cfg = EvalConfig.model_validate(cfg_dict)
+        device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.extractors = Extractors(self.cfg.extractors, device, self.cfg.storage)
+        self.pool = ThreadPoolExecutor(self.cfg.read_threads)
+
+    def _load(self, uris: list[str]) -> list:
+        return list(self.pool.map(lambda uri: gen.load_image(uri, self.cfg.storage), uris))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        K, M = self.cfg.context_images, self.cfg.generated_images
+        good, images, skipped = [], [], []
+        for i, set_id in enumerate(batch["set_id"]):
+            uris = list(batch["context"][i]) + list(batch["generated"][i])
+            try:
+                images.extend(self._load(uris))
+                good.append(i)
+            except Exception as err:  # any decode / read failure makes the set unreadable
+                reason = f"unreadable image: {err}"
+                if self.cfg.on_bad_set == "error":
+                    raise EvalInputError(
+                        f"set {set_id!r}: {reason}. Fix or remove the set, or run with "
+                        "--on_bad_set=skip to count it as skipped") from err
+                skipped.append((str(set_id), reason))
+        ext = self.extractors
+        d, C, per_set = ext.feature_dim, ext.num_classes, K + M
+        groups = np.tile(np.arange(per_set) - K + 1, len(good)).clip(CONTEXT)  # (S*(K+M),)
+        pool, logits = (ext.inception_features(images) if images
+                        else (np.zeros((0, d), np.float32), np.zeros((0, C), np.float32)))
+        probs = softmax64(logits)  # (S*(K+M), C)
+        clip_text = np.full(len(images), np.nan)
+        clip_image = np.full(len(images), np.nan)
+        if images:
+            embeds = ext.clip_image_embeddings(images).reshape(len(good), per_set, -1)
+            context, generated = embeds[:, :K], embeds[:, K:]  # (S, K, e), (S, M, e)
+            pair_cos = np.einsum("sme,ske->smk", generated, context)  # (S, M, K)
+            image_scores = clip_score(pair_cos, self.cfg.clip_score_weight).mean(axis=2)
+            clip_image.reshape(len(good), per_set)[:, K:] = image_scores
+            captioned = [j for j, i in enumerate(good) if _has_caption(batch["caption"][i])]
+            if captioned:
+                text = ext.clip_text_embeddings([batch["caption"][good[j]] for j in captioned])
+                text_cos = np.einsum("sme,se->sm", generated[captioned], text)  # (S', M)
+                clip_text.reshape(len(good), per_set)[captioned, K:] = clip_score(
+                    text_cos, self.cfg.clip_score_weight)
+        set_ids = [str(batch["set_id"][i]) for i in good for _ in range(per_set)]
+        splits = [is_split_of(s, self.cfg.is_splits) for s in set_ids]
+        n_bad = len(skipped)
+        return {
+            "group": np.concatenate([groups, np.full(n_bad, SKIPPED)]).astype(np.int64),
+            "set_id": np.array(set_ids + [s for s, _ in skipped], dtype=object),
+            "reason": np.array([""] * len(set_ids) + [r for _, r in skipped], dtype=object),
+            "pool": np.concatenate([pool, np.zeros((n_bad, d), np.float32)]),
+            "probs": np.concatenate([probs, np.zeros((n_bad, C))]),
+            "neg_entropy": np.concatenate([neg_entropy(probs), np.zeros(n_bad)]),
+            "is_split": np.array(splits + [0] * n_bad, dtype=np.int64),
+            "clip_text": np.concatenate([clip_text, np.full(n_bad, np.nan)]),
+            "clip_image": np.concatenate([clip_image, np.full(n_bad, np.nan)]),
+        }
+
+
+def _has_caption(caption: Any) -> bool:
+    return isinstance(caption, str) and bool(caption.strip())
+
+
+def reduce_partials(batch: dict[str, np.ndarray], is_splits: int) -> dict[str, np.ndarray]:
+    """Image rows → one row per group present: ``group`` and pickled ``GroupStats`` (or, for
+    skipped sets, a pickled list of ``(set_id, reason)``)."""
+    out_groups, out_stats = [], []
+    for group in np.unique(batch["group"]):
+        rows = batch["group"] == group
+        if group == SKIPPED:
+            payload: Any = list(zip(batch["set_id"][rows].tolist(),
+                                    batch["reason"][rows].tolist()))
+        else:
+            pool, probs = batch["pool"][rows], batch["probs"][rows]
+            payload = GroupStats.empty(pool.shape[1], probs.shape[1], is_splits)
+            payload.features.update(pool)
+            payload.classes.update(probs, batch["is_split"][rows], batch["neg_entropy"][rows])
+            payload.clip_text.update(batch["clip_text"][rows])
+            payload.clip_image.update(batch["clip_image"][rows])
+        out_groups.append(int(group))
+        out_stats.append(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    return {"group": np.array(out_groups, np.int64), "stats": np.array(out_stats, dtype=object)}
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def metrics_per_k(groups: dict[int, GroupStats], M: int) -> list[dict[str, Any]]:
+    """Table rows for k = 1..M from the merged statistics."""
+    real = groups.get(CONTEXT)
+    rows = []
+    for k in range(1, M + 1):
+        fake = groups.get(k)
+        row: dict[str, Any] = {"k": k, "images": fake.features.count if fake else 0}
+        enough = fake is not None and real is not None and min(
+            fake.features.count, real.features.count) >= 2
+        row["fid"] = _finite(fid_from_moments(real.features, fake.features)) if enough else None
+        is_mean, is_std = fake.classes.inception_score() if fake and fake.features.count else (
+            None, None)
+        row.update(is_mean=_finite(is_mean), is_std=_finite(is_std))
+        for name in ("clip_text", "clip_image"):
+            stats = getattr(fake, name) if fake else None
+            row[name] = stats.mean() if stats else None
+            row[f"{name}_images"] = stats.count if stats else 0
+        rows.append(row)
+    return rows
+
+
+def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any]:
+    """Evaluate a generations folder on the current Ray cluster; writes report.json/.md/.png to
+    ``cfg.output_uri`` (default ``<generations>/eval``) and returns the report dict."""
+    import ray
+
+    from m2m_ray import storage as st
+    from m2m_ray.eval.extractors import extractor_label
+    from m2m_ray.eval.report import build_report, write_reports
+
+    started = time.time()
+    sets = gen.read_generations(generations_uri, cfg.storage)
+    selected, skipped = select_sets(sets, cfg)
+    if skipped and cfg.on_bad_set == "error":
+        listed = "; ".join(f"{s['set_id']}: {s['reason']}" for s in skipped[:5])
+        raise EvalInputError(f"{len(skipped)} of {len(sets)} sets in {generations_uri!r} cannot "
+                             f"be evaluated ({listed}{' ...' if len(skipped) > 5 else ''}); "
+                             "fix them or run with --on_bad_set=skip to count them as skipped")
+    K, M = cfg.context_images, cfg.generated_images
+    items = [{"set_id": s.set_id, "caption": s.caption,
+              "context": [gen.image_uri(generations_uri, p) for p in s.context[-K:]],
+              "generated": [gen.image_uri(generations_uri, p) for p in s.generated[:M]]}
+             for s in selected]
+    groups: dict[int, GroupStats] = {}
+    if items:
+        features = ray.data.from_items(items).map_batches(
+            SetFeatureExtractor, fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg)},
+            batch_size=cfg.sets_per_batch, batch_format="numpy", num_gpus=cfg.num_gpus,
+            num_cpus=cfg.num_cpus,
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors,
+                                               max_size=cfg.max_actors))
+        partials = features.sort("group").map_batches(
+            reduce_partials, fn_kwargs={"is_splits": cfg.is_splits},
+            batch_size=cfg.reduce_batch_rows, batch_format="numpy")
+        for batch in partials.iter_batches(batch_size=1, batch_format="numpy"):
+            group, payload = int(batch["group"][0]), pickle.loads(batch["stats"][0])
+            if group == SKIPPED:
+                skipped.extend({"set_id": s, "kind": "unreadable image", "reason": r}
+                               for s, r in payload)
+            elif group in groups:
+                groups[group].merge(payload)
+            else:
+                groups[group] = payload
+    unreadable = {s["set_id"] for s in skipped} & {s.set_id for s in selected}
+    evaluated = [s for s in selected if s.set_id not in unreadable]
+    splits: dict[str, int] = {}
+    for record in evaluated:
+        name = str(record.meta.get("split", "unknown"))
+        splits[name] = splits.get(name, 0) + 1
+    models = {str(s.meta.get("model")) for s in evaluated if s.meta.get("model")}
+    report = build_report(
+        cfg=cfg, generations_uri=generations_uri, sets_total=len(sets),
+        sets_evaluated=len(evaluated), skipped=skipped, splits=splits,
+        per_k=metrics_per_k(groups, M), extractor_label=extractor_label(cfg.extractors),
+        method=models.pop() if len(models) == 1 else None, wall_s=time.time() - started)
+    output_uri = cfg.output_uri or st.join(generations_uri, "eval")
+    report["files"] = write_reports(report, output_uri, cfg.storage)
+    return report
+

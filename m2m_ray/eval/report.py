@@ -1,0 +1,174 @@
+"""Evaluation reports: ``report.json`` (everything), ``report.md`` (the paper's Table 1 layout plus
+the per-k table) and ``report.png`` (each metric against k).
+
+Every report says what its numbers were measured with (the extractor label; tiny random extractors
+are flagged in the title), how many sets were evaluated and skipped and why, and the split the sets
+came from. Summary values are mean ± std over k = 1..M with the population std (ddof = 0).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from m2m_ray import storage as st
+from m2m_ray.config import config_to_dict
+
+if TYPE_CHECKING:
+    from m2m_ray.config import EvalConfig, StorageConfig
+
+METRICS = [  # key in a per-k row, column title, better
+    ("fid", "FID", "↓"),
+    ("is_mean", "IS", "↑"),
+    ("clip_text", "CLIP-T", "↑"),
+    ("clip_image", "CLIP-I", "↑"),
+]
+MAX_LISTED_SKIPS = 100
+
+
+def _mean_std(values: list[float | None]) -> dict[str, Any]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"mean": None, "std": None, "over_k": 0}
+    return {"mean": float(np.mean(present)), "std": float(np.std(present)),
+            "over_k": len(present)}
+
+
+def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
+                 sets_evaluated: int, skipped: list[dict[str, str]], splits: dict[str, int],
+                 per_k: list[dict[str, Any]], extractor_label: str, method: str | None,
+                 wall_s: float) -> dict[str, Any]:
+    tiny = cfg.extractors.kind == "tiny"
+    return {
+        "title": ("[TINY RANDOM EXTRACTORS: meaningless numbers] " if tiny else "")
+        + "M2M evaluation: FID, IS, CLIP-T, CLIP-I per generated image k",
+        "extractors": {"kind": cfg.extractors.kind, "label": extractor_label},
+        "method": method or generations_uri.rstrip("/").rsplit("/", 1)[-1],
+        "input": {
+            "generations_uri": generations_uri,
+            "sets_total": sets_total,
+            "sets_evaluated": sets_evaluated,
+            "sets_skipped": len(skipped),
+            "skip_reasons": dict(Counter(s["kind"] for s in skipped)),
+            "skipped": skipped[:MAX_LISTED_SKIPS],
+            "split": splits,
+            "expected_split": cfg.expected_split,
+        },
+        "protocol": {
+            "context_images": cfg.context_images,
+            "generated_images": cfg.generated_images,
+            "fid": "k-th generated image of every set vs the K context images of every set; "
+                   "Inception pool features, unbiased covariances",
+            "is": f"{cfg.is_splits} splits by a hash of set_id; mean ± std (ddof 0) over "
+                  "splits; softmax of the unbiased logits",
+            "clip_text": f"CLIPScore w·max(100·cos, 0), w = {cfg.clip_score_weight:g}, of the "
+                         "k-th generated image and its set's caption (none for sets without "
+                         "a caption)",
+            "clip_image": "mean over the K context images of CLIPScore (same w) of the k-th "
+                          "generated image and that context image",
+            "summary": "mean ± std (ddof 0) over k = 1..M, as the paper's Table 1",
+        },
+        "per_k": per_k,
+        "summary": {key: _mean_std([row[key] for row in per_k]) for key, _, _ in METRICS},
+        "config": config_to_dict(cfg),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": round(wall_s, 2),
+    }
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:.2g}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    inp, proto = report["input"], report["protocol"]
+    lines = [f"# {report['title']}", ""]
+    if report["extractors"]["kind"] == "tiny":
+        lines += [f"> **{report['extractors']['label']}**", ""]
+    split = ", ".join(f"{k} {v}" for k, v in inp["split"].items()) or "none"
+    lines += [
+        f"- generations: `{inp['generations_uri']}`",
+        f"- sets: {inp['sets_evaluated']} evaluated of {inp['sets_total']}, "
+        f"{inp['sets_skipped']} skipped",
+        f"- split of the evaluated sets: {split} (expected: {inp['expected_split']})",
+        f"- K = {proto['context_images']} context images, M = {proto['generated_images']} "
+        "generated images per set",
+        f"- extractors: {report['extractors']['label']}",
+        "",
+        "## Table 1 layout (mean ± std over k)",
+        "",
+        "| Method | " + " | ".join(f"{t} {b}" for _, t, b in METRICS) + " |",
+        "|---" * (len(METRICS) + 1) + "|",
+        f"| {report['method']} | " + " | ".join(
+            f"{_fmt(report['summary'][k]['mean'])} ± {_fmt(report['summary'][k]['std'])}"
+            for k, _, _ in METRICS) + " |",
+        "",
+        "## Per generated image k",
+        "",
+        "| k | images | FID ↓ | IS ↑ (± std over splits) | CLIP-T ↑ | CLIP-I ↑ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["per_k"]:
+        lines.append(f"| {row['k']} | {row['images']} | {_fmt(row['fid'])} | "
+                     f"{_fmt(row['is_mean'])} ± {_fmt(row['is_std'])} | "
+                     f"{_fmt(row['clip_text'])} | {_fmt(row['clip_image'])} |")
+    lines += ["", f"## Skipped sets: {inp['sets_skipped']}", ""]
+    if inp["sets_skipped"]:
+        lines += ["| reason | sets |", "|---|---|"]
+        lines += [f"| {reason} | {n} |" for reason, n in inp["skip_reasons"].items()]
+        lines += [""] + [f"- `{s['set_id']}`: {s['reason']}" for s in inp["skipped"][:20]]
+        if inp["sets_skipped"] > 20:
+            lines.append(f"- ... {inp['sets_skipped'] - 20} more in report.json")
+    else:
+        lines.append("None.")
+    lines += ["", "## Protocol", ""] + [f"- {k}: {v}" for k, v in proto.items()
+                                        if k not in ("context_images", "generated_images")]
+    lines += ["", f"_Created {report['created']} in {report['wall_s']} s._", ""]
+    return "\n".join(lines)
+
+
+def render_plot(report: dict[str, Any]) -> bytes:
+    """PNG bytes: one panel per metric against k (IS with its std over splits as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [row["k"] for row in report["per_k"]]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
+    for ax, (key, title, better) in zip(axes, METRICS):
+        values = [np.nan if row[key] is None else row[key] for row in report["per_k"]]
+        errors = ([np.nan if row["is_std"] is None else row["is_std"] for row in report["per_k"]]
+                  if key == "is_mean" else None)
+        ax.errorbar(ks, values, yerr=errors, marker="o", capsize=3)
+        ax.set_title(f"{title} {better}")
+        ax.set_xlabel("k (generated image)")
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+    tiny = report["extractors"]["kind"] == "tiny"
+    fig.suptitle(("TINY RANDOM EXTRACTORS: meaningless numbers — " if tiny else "")
+                 + f"{report['method']}: {report['input']['sets_evaluated']} sets",
+                 color="red" if tiny else "black")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_reports(report: dict[str, Any], output_uri: str,
+                  storage: "StorageConfig | None" = None) -> dict[str, str]:
+    """Write report.json, report.md and report.png under ``output_uri``; returns their URIs."""
+    files = {name: st.join(output_uri, f"report.{name}") for name in ("json", "md", "png")}
+    st.write_bytes(files["md"], render_markdown(report).encode("utf-8"), storage)
+    st.write_bytes(files["png"], render_plot(report), storage)
+    st.write_bytes(files["json"], json.dumps({**report, "files": files}, indent=2,
+                                             allow_nan=False).encode("utf-8"), storage)
+    return files
