@@ -28,7 +28,8 @@ import numpy as np
 
 from m2m_ray.config import EvalConfig, config_to_dict
 from m2m_ray.eval import generations as gen
-from m2m_ray.eval.stats import GroupStats, clip_score, fid_from_moments, neg_entropy, softmax64
+from m2m_ray.eval.stats import (FrechetReference, GroupStats, clip_score, neg_entropy,
+                                softmax64)
 
 SKIPPED = -1  # group of the rows that stand for a skipped set
 CONTEXT = 0   # group of the real preceding images; k = 1..M are the generated ones
@@ -79,46 +80,60 @@ class SetFeatureExtractor:
         self.cfg = EvalConfig.model_validate(cfg_dict)
         device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.extractors = Extractors(self.cfg.extractors, device, self.cfg.storage)
-        self.pool = ThreadPoolExecutor(self.cfg.read_threads)
+        self.readers = ThreadPoolExecutor(self.cfg.read_threads)
 
-    def _load(self, uris: list[str]) -> list:
-        return list(self.pool.map(lambda uri: gen.load_image(uri, self.cfg.storage), uris))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        K, M = self.cfg.context_images, self.cfg.generated_images
+    def _read_sets(self, batch: dict[str, np.ndarray]) -> tuple[list[int], list, list]:
+        """Indices of the readable sets, their images (set by set, context first) and
+        ``(set_id, reason)`` of the others; all images of the batch are read concurrently."""
+        futures = [[self.readers.submit(gen.load_image, uri, self.cfg.storage)
+                    for uri in list(context) + list(generated)]
+                   for context, generated in zip(batch["context"], batch["generated"])]
         good, images, skipped = [], [], []
-        for i, set_id in enumerate(batch["set_id"]):
-            uris = list(batch["context"][i]) + list(batch["generated"][i])
+        for i, (set_id, set_futures) in enumerate(zip(batch["set_id"], futures)):
             try:
-                images.extend(self._load(uris))
-                good.append(i)
-            except Exception as err:  # any decode / read failure makes the set unreadable
+                set_images = [future.result() for future in set_futures]
+            except Exception as err:  # any read / decode failure makes the set unreadable
                 reason = f"unreadable image: {err}"
                 if self.cfg.on_bad_set == "error":
                     raise EvalInputError(
                         f"set {set_id!r}: {reason}. Fix or remove the set, or run with "
                         "--on_bad_set=skip to count it as skipped") from err
                 skipped.append((str(set_id), reason))
+                continue
+            good.append(i)
+            images.extend(set_images)
+        return good, images, skipped
+
+    def _clip_scores(self, images: list, captions: list) -> tuple[np.ndarray, np.ndarray]:
+        """CLIP-T and CLIP-I per image, (S*(K+M),) each; NaN where not defined (context images,
+        sets without a caption)."""
+        K, w = self.cfg.context_images, self.cfg.clip_score_weight
+        per_set = K + self.cfg.generated_images
+        clip_text = np.full((len(captions), per_set), np.nan)
+        clip_image = np.full((len(captions), per_set), np.nan)
+        if images:
+            embeds = self.extractors.clip_image_embeddings(images)
+            embeds = embeds.reshape(len(captions), per_set, -1)  # (S, K+M, e)
+            context, generated = embeds[:, :K], embeds[:, K:]  # (S, K, e), (S, M, e)
+            pair_cos = np.einsum("sme,ske->smk", generated, context)  # (S, M, K)
+            clip_image[:, K:] = clip_score(pair_cos, w).mean(axis=2)
+            captioned = [j for j, caption in enumerate(captions) if _has_caption(caption)]
+            if captioned:
+                text = self.extractors.clip_text_embeddings([captions[j] for j in captioned])
+                text_cos = np.einsum("sme,se->sm", generated[captioned], text)  # (S', M)
+                clip_text[captioned, K:] = clip_score(text_cos, w)
+        return clip_text.reshape(-1), clip_image.reshape(-1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        K, M = self.cfg.context_images, self.cfg.generated_images
+        good, images, skipped = self._read_sets(batch)
         ext = self.extractors
         d, C, per_set = ext.feature_dim, ext.num_classes, K + M
         groups = np.tile(np.arange(per_set) - K + 1, len(good)).clip(CONTEXT)  # (S*(K+M),)
-        pool, logits = (ext.inception_features(images) if images
-                        else (np.zeros((0, d), np.float32), np.zeros((0, C), np.float32)))
+        features, logits = (ext.inception_features(images) if images
+                            else (np.zeros((0, d), np.float32), np.zeros((0, C), np.float32)))
         probs = softmax64(logits)  # (S*(K+M), C)
-        clip_text = np.full(len(images), np.nan)
-        clip_image = np.full(len(images), np.nan)
-        if images:
-            embeds = ext.clip_image_embeddings(images).reshape(len(good), per_set, -1)
-            context, generated = embeds[:, :K], embeds[:, K:]  # (S, K, e), (S, M, e)
-            pair_cos = np.einsum("sme,ske->smk", generated, context)  # (S, M, K)
-            image_scores = clip_score(pair_cos, self.cfg.clip_score_weight).mean(axis=2)
-            clip_image.reshape(len(good), per_set)[:, K:] = image_scores
-            captioned = [j for j, i in enumerate(good) if _has_caption(batch["caption"][i])]
-            if captioned:
-                text = ext.clip_text_embeddings([batch["caption"][good[j]] for j in captioned])
-                text_cos = np.einsum("sme,se->sm", generated[captioned], text)  # (S', M)
-                clip_text.reshape(len(good), per_set)[captioned, K:] = clip_score(
-                    text_cos, self.cfg.clip_score_weight)
+        clip_text, clip_image = self._clip_scores(images, [batch["caption"][i] for i in good])
         set_ids = [str(batch["set_id"][i]) for i in good for _ in range(per_set)]
         splits = [is_split_of(s, self.cfg.is_splits) for s in set_ids]
         n_bad = len(skipped)
@@ -126,7 +141,7 @@ class SetFeatureExtractor:
             "group": np.concatenate([groups, np.full(n_bad, SKIPPED)]).astype(np.int64),
             "set_id": np.array(set_ids + [s for s, _ in skipped], dtype=object),
             "reason": np.array([""] * len(set_ids) + [r for _, r in skipped], dtype=object),
-            "pool": np.concatenate([pool, np.zeros((n_bad, d), np.float32)]),
+            "pool": np.concatenate([features, np.zeros((n_bad, d), np.float32)]),
             "probs": np.concatenate([probs, np.zeros((n_bad, C))]),
             "neg_entropy": np.concatenate([neg_entropy(probs), np.zeros(n_bad)]),
             "is_split": np.array(splits + [0] * n_bad, dtype=np.int64),
@@ -167,13 +182,15 @@ def _finite(value: float | None) -> float | None:
 def metrics_per_k(groups: dict[int, GroupStats], M: int) -> list[dict[str, Any]]:
     """Table rows for k = 1..M from the merged statistics."""
     real = groups.get(CONTEXT)
+    reference = (FrechetReference(*real.features.mean_cov())
+                 if real is not None and real.features.count >= 2 else None)
     rows = []
     for k in range(1, M + 1):
         fake = groups.get(k)
         row: dict[str, Any] = {"k": k, "images": fake.features.count if fake else 0}
-        enough = fake is not None and real is not None and min(
-            fake.features.count, real.features.count) >= 2
-        row["fid"] = _finite(fid_from_moments(real.features, fake.features)) if enough else None
+        enough = reference is not None and fake is not None and fake.features.count >= 2
+        row["fid"] = (_finite(reference.distance(*fake.features.mean_cov())) if enough
+                      else None)
         is_mean, is_std = fake.classes.inception_score() if fake and fake.features.count else (
             None, None)
         row.update(is_mean=_finite(is_mean), is_std=_finite(is_std))

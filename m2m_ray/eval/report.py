@@ -84,7 +84,7 @@ def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
 def _fmt(value: float | None) -> str:
     if value is None:
         return "n/a"
-    return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:.2g}"
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2g}"
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -72,17 +72,29 @@ def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
 
 
+class FrechetReference:
+    """The reference side of FID (mean, covariance and its square root, computed once), so that
+    many distributions — the k = 1..M generated images — are compared against it cheaply."""
+
+    def __init__(self, mean: np.ndarray, cov: np.ndarray) -> None:
+        self.mean = np.asarray(mean, np.float64)
+        self.cov = np.asarray(cov, np.float64)
+        self.root = _sqrt_psd(self.cov)
+
+    def distance(self, mean: np.ndarray, cov: np.ndarray) -> float:
+        """‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁Σ₂), in float64."""
+        mean, cov = np.asarray(mean, np.float64), np.asarray(cov, np.float64)
+        middle = self.root @ cov @ self.root  # (d, d), symmetric PSD, spectrum of Σ₁Σ₂
+        eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+        trace_sqrt = float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+        diff = self.mean - mean
+        return float(diff @ diff + np.trace(self.cov) + np.trace(cov) - 2.0 * trace_sqrt)
+
+
 def frechet_distance(mean1: np.ndarray, cov1: np.ndarray,
                      mean2: np.ndarray, cov2: np.ndarray) -> float:
     """‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁Σ₂), in float64."""
-    mean1, mean2 = np.asarray(mean1, np.float64), np.asarray(mean2, np.float64)
-    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
-    root1 = _sqrt_psd(cov1)
-    middle = root1 @ cov2 @ root1  # (d, d), symmetric PSD, same spectrum as cov1 @ cov2
-    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
-    trace_sqrt = float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
-    diff = mean1 - mean2
-    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt)
+    return FrechetReference(mean1, cov1).distance(mean2, cov2)
 
 
 def fid_from_moments(real: GaussianMoments, fake: GaussianMoments) -> float:
