@@ -19,6 +19,12 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/ray_head.py and friends
 
 from ray_head import free_port, start_head  # noqa: E402
 
+# Dummy S3 credentials for the moto server, set before any Ray starts so its workers inherit them
+# (moto accepts any key; real credentials a developer has set are left alone).
+for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+    os.environ.setdefault(_key, _value)
+
 # Ray-based tests of concurrent pytest runs on this machine take turns: two Rays on 2 cores starve
 # each other into timeouts. Every fixture that starts Ray holds this lock while Ray runs.
 _RAY_LOCK_PATH = os.path.join(tempfile.gettempdir(), "m2m_ray-tests-ray.lock")
@@ -77,18 +83,9 @@ def s3_server():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("moto server did not start")
             time.sleep(0.3)
-    saved = {k: os.environ.get(k) for k in
-             ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
     try:
         yield endpoint
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(10)
 

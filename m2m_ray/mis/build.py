@@ -63,7 +63,7 @@ class ShardWorker:
         timings: dict[str, float] = {}
         try:
             for records in encoded_sets(self.generator, rows, self.image_pool, self.batch_pool,
-                                        timings, lambda begin: self._maybe_crash(sid, begin, len(rows))):
+                                        timings, lambda _: self._maybe_crash(sid)):
                 writer.add(records)
             seconds = time.perf_counter() - start
             writer.commit({
@@ -79,10 +79,10 @@ class ShardWorker:
         return {"shard_id": sid, "status": "committed", "sets": writer.num_sets,
                 "images": writer.num_images, "seconds": seconds}
 
-    def _maybe_crash(self, sid: int, begin: int, total: int) -> None:
-        """Fault injection for tests: die half-way through the chosen shard, once."""
-        target = self.cfg.generate.fault_injection.crash_actor_on_shard
-        if target != sid or begin < total // 2:
+    def _maybe_crash(self, sid: int) -> None:
+        """Fault injection for tests: die mid-shard (after a batch was generated, before the
+        shard commits) on the chosen shard, once."""
+        if self.cfg.generate.fault_injection.crash_actor_on_shard != sid:
             return
         marker = self.layout.fault_marker(sid)
         if storage.exists(marker, self.cfg.storage):

@@ -101,6 +101,8 @@ class SDSetGenerator:
             "width": self.cfg.width,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device.type,
+            # CPU float sums depend on the thread count; regeneration reuses it to be bit-exact.
+            "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
             "base_seed": self.cfg.base_seed,
             "images_per_caption": self.cfg.images_per_caption,
             "image_format": self.cfg.image_format,
@@ -157,22 +159,23 @@ class SDSetGenerator:
 
 def encoded_sets(generator: SDSetGenerator, rows: list[dict[str, Any]],
                  image_pool: cf.Executor, batch_pool: cf.Executor, timings: dict[str, float],
-                 before_batch: Callable[[int], None] | None = None) -> Iterator[list[SetRecord]]:
+                 after_generate: Callable[[int], None] | None = None) -> Iterator[list[SetRecord]]:
     """Generate and encode the sets of ``rows`` (caption_id, caption, split, url, shard_id), in
     order, ``captions_per_batch`` at a time. Batch i is encoded on ``batch_pool`` (which fans the
     images out to ``image_pool``) while batch i+1 is denoised, so the GPU does not wait for JPEG
-    encoding. ``timings["generate_seconds"]`` accumulates the time spent in the generator."""
+    encoding. ``timings["generate_seconds"]`` accumulates the time spent in the generator;
+    ``after_generate(i)`` is called after the i-th batch is denoised (fault injection)."""
     gen = generator.cfg
     timings.setdefault("generate_seconds", 0.0)
     pending: cf.Future | None = None
     for begin in range(0, len(rows), gen.captions_per_batch):
-        if before_batch is not None:
-            before_batch(begin)
         chunk = rows[begin:begin + gen.captions_per_batch]
         t0 = time.perf_counter()
         seeds, pixels, latents = generator.generate([r["caption"] for r in chunk],
                                                     [r["caption_id"] for r in chunk])
         timings["generate_seconds"] += time.perf_counter() - t0
+        if after_generate is not None:
+            after_generate(begin // gen.captions_per_batch)
         if pending is not None:
             yield pending.result()
         pending = batch_pool.submit(_encode_batch, generator, image_pool, chunk, seeds, pixels,
@@ -200,7 +203,9 @@ def regenerate_set(caption: str, caption_id: int, metadata: dict[str, Any],
     """Regenerate a stored set from its caption, id and the ``metadata`` stored beside it.
 
     A set is regenerated whole: a UNet batch of one image runs other kernels than a batch of 25
-    and differs from it in the last float bits, while batches of whole sets agree exactly (CPU).
+    and differs from it in the last float bits, while batches of whole sets agree exactly. On the
+    CPU the stored thread count is reused too (it changes the order of float sums); on a GPU,
+    exactness needs the same GPU model and library versions.
     """
     model = ModelConfig(preset=metadata["model_preset"], seed=metadata.get("model_seed") or 0,
                         sd_model_id=metadata.get("sd_model_id"))
@@ -211,5 +216,11 @@ def regenerate_set(caption: str, caption_id: int, metadata: dict[str, Any],
         guidance_scale=metadata["guidance_scale"], height=metadata["height"],
         width=metadata["width"], dtype=metadata["dtype"], num_gpus=1 if use_gpu else 0,
         captions_per_batch=1)
-    _, pixels, _ = SDSetGenerator(model, cfg).generate([caption], [caption_id])
+    threads = torch.get_num_threads()
+    if metadata.get("cpu_threads") and not use_gpu:
+        torch.set_num_threads(metadata["cpu_threads"])
+    try:
+        _, pixels, _ = SDSetGenerator(model, cfg).generate([caption], [caption_id])
+    finally:
+        torch.set_num_threads(threads)
     return [Image.fromarray(p) for p in pixels[0]]
