@@ -116,42 +116,10 @@ def verdict_loop(path: Path, tokenizer, batch_size: int | None, max_tokens: int 
     return counts
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and all its descendants (a local Ray's GCS, raylet and workers),
-    including descendants that already exited and were reaped, from /proc (Linux). Less sensitive
-    than wall time to other jobs on a shared machine."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        # utime, stime, cutime, cstime (fields 14-17 of stat; here 11-14 after the name)
-        times[int(entry)] = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    tree, frontier = {os.getpid()}, [os.getpid()]
-    while frontier:
-        pid = frontier.pop()
-        children = [c for c, p in parents.items() if p == pid and c not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(times.get(pid, 0.0) for pid in tree)
-
-
-def timed(fn, *args, **kwargs) -> tuple[float, float, object]:
-    """(wall seconds, CPU seconds of the process tree, result)."""
-    cpu, started = cpu_seconds(), time.perf_counter()
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    started = time.perf_counter()
     result = fn(*args, **kwargs)
-    return time.perf_counter() - started, cpu_seconds() - cpu, result
-
-
-def describe(rows: int, seconds: float, cpu: float) -> dict[str, float]:
-    return {"seconds": round(seconds, 2), "captions_per_s": round(rows / seconds),
-            "cpu_s": round(cpu, 2), "captions_per_cpu_s": round(rows / cpu)}
+    return time.perf_counter() - started, result
 
 
 def main() -> None:
@@ -183,10 +151,11 @@ def main() -> None:
     for name, kwargs in (("a_per_row", {"batch_size": None}),
                          ("b_batched", {"batch_size": args.batch_size}),
                          ("b2_batched_backend", {"batch_size": args.batch_size, "backend": True})):
-        seconds, cpu, counts = timed(verdict_loop, tsv, tokenizer, **kwargs)
-        results[name] = {**describe(args.rows, seconds, cpu), "counts": counts}
-        print(f"{name:20s} {args.rows / seconds:8.0f} captions/s  ({seconds:.1f} s, "
-              f"{args.rows / cpu:.0f} captions per CPU-s) {counts}", flush=True)
+        seconds, counts = timed(verdict_loop, tsv, tokenizer, **kwargs)
+        results[name] = {"seconds": round(seconds, 2),
+                         "captions_per_s": round(args.rows / seconds), "counts": counts}
+        print(f"{name:20s} {args.rows / seconds:8.0f} captions/s  ({seconds:.1f} s) {counts}",
+              flush=True)
 
     # Ray on this 2-core machine takes turns with the test suites' Rays (tests/conftest.py).
     lock = open(os.path.join(tempfile.gettempdir(), "m2m_ray-tests-ray.lock"), "w")
@@ -200,14 +169,13 @@ def main() -> None:
                   "range_bytes": int(args.range_mib * 2**20)},
     )
     for run in range(args.ray_runs):
-        seconds, cpu, stats = timed(run_captions_stage, cfg)
+        seconds, stats = timed(run_captions_stage, cfg)
         t = stats["timings"]
         results[f"c_ray_stage_run{run + 1}"] = {
-            **describe(args.rows, seconds, cpu), "timings": t, "kept": stats["kept"],
-            "rejected": stats["rejected"]}
+            "seconds": round(seconds, 2), "captions_per_s": round(args.rows / seconds),
+            "timings": t, "kept": stats["kept"], "rejected": stats["rejected"]}
         print(f"c_ray_stage run {run + 1}  {args.rows / seconds:8.0f} captions/s  "
-              f"({seconds:.1f} s, {args.rows / cpu:.0f} captions per CPU-s of all Ray processes) "
-              f"plan {t['plan_s']} s, filter+write {t['filter_and_write_s']} s; in tasks: "
+              f"({seconds:.1f} s) plan {t['plan_s']} s, filter+write {t['filter_and_write_s']} s; in tasks: "
               f"{t['lines_per_filter_task_s']} lines/s per task-second, tokenizer "
               f"{t['tokenized_per_task_s']} captions/s per task-second", flush=True)
     ray.shutdown()
