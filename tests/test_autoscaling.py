@@ -1,0 +1,234 @@
+"""Autoscaling on one machine: Ray's fake multinode provider with cluster/local/fake-multinode.yaml.
+
+The head has no CPUs and no worker runs at the start. A job whose work asks for GPUs makes the
+autoscaler start fake GPU nodes (Ray processes on this machine that advertise `GPU: 1` and the
+pipelines' custom resource); the job finishes; the GPU nodes go away after the YAML's idle timeout.
+
+The workload is a parameter (`WORKLOADS`): what a job runs does not change the harness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from conftest import ray_turn
+from m2m_ray.cluster import validate_cluster_yaml
+from ray_head import RayHead, free_port, wait_for_job
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_YAML = ROOT / "cluster/local/fake-multinode.yaml"
+
+
+def start_fake_cluster(timeout_s: float = 120.0) -> tuple[RayHead, dict]:
+    """A token-auth head on loopback whose autoscaler runs the fake multinode provider.
+
+    The YAML is copied with `provider.gcs_address` set to this head's free port. Stopped like any
+    test head: by its process group id (the fake nodes are children of its autoscaler)."""
+    temp_dir = tempfile.mkdtemp(prefix="rayfake", dir="/tmp")
+    gcs_port, dash_port, agent_port = free_port(), free_port(), free_port()
+    config = yaml.safe_load(FAKE_YAML.read_text())
+    config["provider"]["gcs_address"] = f"127.0.0.1:{gcs_port}"
+    config_path = Path(temp_dir, "fake-multinode.yaml")
+    config_path.write_text(yaml.safe_dump(config))
+    validate_cluster_yaml(config_path)
+    token = os.urandom(16).hex()
+    env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    cmd = ["ray", "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+           f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={temp_dir}",
+           "--num-cpus=0", f"--autoscaling-config={config_path}", "--disable-usage-stats",
+           "--block"]
+    log = open(Path(temp_dir, "head.log"), "w")
+    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    head = RayHead(process, f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}", token,
+                   temp_dir)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _get(head, "/api/version")
+            return head, config
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                head.stop()
+                raise RuntimeError(f"fake cluster head did not come up:\n{head.log()[-3000:]}")
+            time.sleep(1)
+
+
+def _get(head: RayHead, path: str):
+    request = urllib.request.Request(head.dashboard_url + path, headers=head.auth_headers)
+    return json.loads(urllib.request.urlopen(request, timeout=10).read())
+
+
+def alive_worker_nodes(head: RayHead) -> dict[str, dict[str, float]]:
+    """node id → total resources of every alive non-head node (the dashboard's state API)."""
+    nodes = _get(head, "/api/v0/nodes?limit=1000&detail=1")["data"]["result"]["result"]
+    return {n["node_id"]: n["resources_total"] for n in nodes
+            if n["state"] == "ALIVE" and not n["is_head_node"]}
+
+
+@dataclass
+class NodeSampler:
+    """Polls the alive worker nodes once a second in the background."""
+
+    head: RayHead
+    seen: dict[str, dict[str, float]] = field(default_factory=dict)
+    max_gpu_nodes: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> "NodeSampler":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                nodes = alive_worker_nodes(self.head)
+            except OSError:
+                nodes = {}
+            self.seen.update(nodes)
+            self.max_gpu_nodes = max(self.max_gpu_nodes,
+                                     sum(1 for r in nodes.values() if r.get("GPU")))
+            self._stop.wait(1.0)
+
+
+@dataclass
+class Workload:
+    """A job for the fake cluster: its entrypoint, the custom resource its GPU work asks for,
+    and a check of its logs."""
+
+    name: str
+    entrypoint: Callable[[Path], str]  # output folder → shell command run in the working dir
+    gpu_resource: str | None
+    check: Callable[[str, Path, dict[str, dict[str, float]]], None]  # logs, output, GPU nodes
+    timeout_s: float = 180.0
+
+
+# A small Ray Data job whose actors ask for a GPU and the generation resource, as build_mis's
+# generation actors do; each row reports the node and the GPU ids Ray gave its actor.
+_PROBE = textwrap.dedent("""
+    import json, ray
+    ray.init()
+
+    class Probe:
+        def __call__(self, batch):
+            node = ray.get_runtime_context().get_node_id()
+            batch["node"] = [node] * len(batch["id"])
+            batch["gpus"] = [json.dumps(ray.get_gpu_ids())] * len(batch["id"])
+            return batch
+
+    rows = (ray.data.from_items([{"id": i} for i in range(16)], override_num_blocks=4)
+            .map_batches(Probe, batch_size=4, num_gpus=1, num_cpus=1, resources={"gen_gpu": 1},
+                         compute=ray.data.ActorPoolStrategy(size=2))
+            .take_all())
+    print("PROBE " + json.dumps({"rows": len(rows), "nodes": sorted({r["node"] for r in rows}),
+                                 "gpus": sorted({r["gpus"] for r in rows})}))
+""")
+
+
+def _check_probe(logs: str, out: Path, gpu_nodes: dict[str, dict[str, float]]) -> None:
+    line = next(line for line in logs.splitlines() if line.startswith("PROBE "))
+    probe = json.loads(line[len("PROBE "):])
+    assert probe["rows"] == 16
+    assert set(probe["nodes"]) <= set(gpu_nodes), (probe, gpu_nodes)  # ran on the new GPU nodes
+    assert probe["gpus"] == ["[0]"], probe  # each actor got its node's one GPU
+
+
+WORKLOADS = [
+    Workload("gpu-probe", lambda out: f"python -c {shlex.quote(_PROBE)}", "gen_gpu",
+             _check_probe),
+]
+
+
+def autoscaler_events(head: RayHead) -> list[str]:
+    """The autoscaler's own account: 'Adding 2 node(s) of type X.', 'Removing 2 nodes of type X
+    (idle).' from the head's monitor.log."""
+    log = Path(head.temp_dir, "session_latest", "logs", "monitor.log")
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return [line.split(":event_summary:", 1)[1] for line in lines if ":event_summary:" in line]
+
+
+def _event_types(events: list[str], verb: str) -> set[str]:
+    return {m.group(1) for e in events if (m := re.match(rf"{verb} .* of type (\S+?)\.?( |$)", e))}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
+def test_gpu_job_scales_fake_cluster_up_and_back_down(workload, tmp_path):
+    with ray_turn():
+        started = time.monotonic()
+        head, config = start_fake_cluster()
+        head_up_s = time.monotonic() - started
+        try:
+            assert alive_worker_nodes(head) == {}, "the cluster must start with no worker"
+            idle_s = config["idle_timeout_minutes"] * 60
+            with NodeSampler(head) as sampler:
+                job_id = head.job_client().submit_job(
+                    entrypoint=workload.entrypoint(tmp_path / "out"),
+                    runtime_env={"working_dir": str(ROOT)})
+                submitted = time.monotonic()
+                status = wait_for_job(head, job_id, timeout_s=workload.timeout_s)
+                logs = head.job_client().get_job_logs(job_id)
+                info = head.job_client().get_job_info(job_id)
+                assert status == "SUCCEEDED", f"{info.message}\n{logs[-5000:]}"
+                finished = time.monotonic()
+                # scale-down: every GPU node leaves once idle for idle_timeout_minutes
+                while any(r.get("GPU") for r in alive_worker_nodes(head).values()):
+                    assert time.monotonic() < finished + idle_s + 60, (
+                        f"GPU nodes still alive {time.monotonic() - finished:.0f} s after the "
+                        f"job ended (idle timeout {idle_s:.0f} s): {alive_worker_nodes(head)}; "
+                        f"autoscaler: {autoscaler_events(head)}")
+                    time.sleep(1)
+                gone_after_s = time.monotonic() - finished
+            gpu_nodes = {n: r for n, r in sampler.seen.items() if r.get("GPU")}
+            assert gpu_nodes, f"no GPU node was launched; saw {sampler.seen}; " \
+                f"autoscaler: {autoscaler_events(head)}"
+            node_types = config["available_node_types"]
+            # the autoscaler itself says it added GPU node types and removed them as idle (its log
+            # may trail the state API by an update interval)
+            for _ in range(20):
+                events = autoscaler_events(head)
+                added = {t for t in _event_types(events, "Adding")
+                         if node_types[t]["resources"].get("GPU")}
+                idle = _event_types([e for e in events if e.endswith("(idle).")], "Removing")
+                if added and added <= idle:
+                    break
+                time.sleep(0.5)
+            assert added and added <= idle, events
+            if workload.gpu_resource:
+                assert all(r.get(workload.gpu_resource) == r["GPU"] for r in gpu_nodes.values()), (
+                    f"GPU work asked for {workload.gpu_resource} but landed elsewhere: "
+                    f"{gpu_nodes}")
+            workload.check(logs, tmp_path / "out", gpu_nodes)
+            print(f"{workload.name}: head up in {head_up_s:.0f} s; job ran "
+                  f"{finished - submitted:.0f} s on {len(gpu_nodes)} GPU nodes of {sorted(added)} "
+                  f"(at most {sampler.max_gpu_nodes} at once); all gone {gone_after_s:.0f} s "
+                  f"after the job ended (idle timeout {idle_s:.0f} s); autoscaler: {events}")
+        finally:
+            head.stop()
+            shutil.rmtree(head.temp_dir, ignore_errors=True)

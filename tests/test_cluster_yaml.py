@@ -1,0 +1,212 @@
+"""Cluster files pass Ray's own offline validation and this project's rules; broken ones do not."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from m2m_ray.cluster import (
+    ClusterConfigError,
+    main,
+    placeholders,
+    validate_cluster_yaml,
+    validate_kuberay_manifests,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLOUD_YAMLS = {"aws": ROOT / "cluster/aws.yaml", "gcp": ROOT / "cluster/gcp.yaml"}
+FAKE_YAML = ROOT / "cluster/local/fake-multinode.yaml"
+KUBERAY = sorted((ROOT / "cluster/kuberay").glob("*.yaml"))
+# instance families per GPU node type: inference-class for generation, A100/H100 for training
+GPU_FAMILIES = {
+    "aws": {"gen_gpu": ("g6.", "g5.", "g6e."), "train_gpu": ("p4d.", "p4de.", "p5.")},
+    "gcp": {"gen_gpu": ("g2-",), "train_gpu": ("a2-", "a3-")},
+}
+
+
+def _instance(provider: str, node_config: dict) -> str:
+    return node_config["InstanceType" if provider == "aws" else "machineType"]
+
+
+@pytest.mark.parametrize("provider", sorted(CLOUD_YAMLS))
+def test_cloud_yaml_passes_ray_validation_and_places_gpu_work(provider):
+    config = validate_cluster_yaml(CLOUD_YAMLS[provider])
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    by_resource = {}
+    for name, node_type in types.items():
+        for resource in ("gen_gpu", "train_gpu"):
+            if resource in node_type["resources"]:
+                by_resource[resource] = node_type
+    assert set(by_resource) == {"gen_gpu", "train_gpu"}
+    for resource, node_type in by_resource.items():
+        assert node_type["min_workers"] == 0 and node_type["max_workers"] >= 1
+        assert _instance(provider, node_type["node_config"]).startswith(
+            GPU_FAMILIES[provider][resource])
+    cpu_only = [t for t in types.values() if "GPU" not in t["resources"] and t is not head]
+    assert cpu_only and all(t["min_workers"] == 0 for t in cpu_only)
+    assert 0 < config["idle_timeout_minutes"] and config["max_workers"] >= sum(
+        t["max_workers"] for n, t in types.items() if n != config["head_node_type"])
+    # what `ray up` will run: token auth on every node, dashboard on loopback, token as a file
+    (head_start,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "RAY_AUTH_MODE=token ray start --head" in head_start
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any("scripts/setup.sh" in c and "torch==2.13.0" in c for c in config["setup_commands"])
+
+
+def test_fake_multinode_yaml_is_complete_for_the_autoscaler():
+    config = validate_cluster_yaml(FAKE_YAML)
+    provider = config["provider"]
+    assert provider["type"] == "fake_multinode"
+    for key in ("use_node_id_as_ip", "disable_node_updaters", "disable_launch_config_check"):
+        assert provider[key] is True
+    assert not provider["gcs_address"].endswith(":6379")
+    assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
+    assert placeholders(FAKE_YAML) == []
+
+
+def _broken(tmp_path, source: Path, mutate) -> Path:
+    config = copy.deepcopy(yaml.safe_load(source.read_text()))
+    mutate(config)
+    path = tmp_path / source.name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _set(path: str, value):
+    def mutate(config):
+        *parents, last = path.split("/")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return mutate
+
+
+def _replace_in(key: str, old: str, new: str):
+    def mutate(config):
+        config[key] = [c.replace(old, new) for c in config[key]]
+    return mutate
+
+
+BROKEN_CLOUD = {
+    "unknown top-level key": (_set("idle_timeout_minute", 5), "idle_timeout_minute"),
+    "bad type": (_set("max_workers", "many"), "max_workers"),
+    "unknown node-type key": (_set("available_node_types/cpu_worker/min_worker", 0),
+                              "min_worker"),
+    "fractional resource": (_set("available_node_types/gen_gpu_worker/resources/GPU", 0.5),
+                            "GPU"),
+    "head type missing": (_set("head_node_type", "nope"), "head_node_type"),
+    "GPU type kept warm": (_set("available_node_types/train_gpu_worker/min_workers", 1),
+                           "min_workers 1"),
+    "resource count != GPUs": (_set("available_node_types/train_gpu_worker/resources/train_gpu",
+                                    1), "same count as GPU"),
+    "public dashboard": (_replace_in("head_start_ray_commands", "--dashboard-host=127.0.0.1",
+                                     "--dashboard-host=0.0.0.0"), "binds the dashboard to 0.0.0.0"),
+    "worker without token auth": (_replace_in("worker_start_ray_commands", "RAY_AUTH_MODE=token ",
+                                              ""), "RAY_AUTH_MODE=token"),
+    "token in the YAML": (_replace_in("setup_commands", "chmod 600",
+                                      "export RAY_AUTH_TOKEN=abc; chmod 600"),
+                          "sets RAY_AUTH_TOKEN"),
+    "token not mounted": (_set("file_mounts", {}), "~/.ray/auth_token"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_CLOUD))
+def test_broken_cloud_yaml_is_rejected(tmp_path, case):
+    mutate, expected = BROKEN_CLOUD[case]
+    path = _broken(tmp_path, CLOUD_YAMLS["aws"], mutate)
+    with pytest.raises(ClusterConfigError) as err:
+        validate_cluster_yaml(path)
+    assert expected in str(err.value) and str(path) in str(err.value)
+
+
+BROKEN_FAKE = {
+    "provider flag": (_set("provider/use_node_id_as_ip", "yes"), "use_node_id_as_ip"),
+    "default GCS port": (_set("provider/gcs_address", "127.0.0.1:6379"), "gcs_address"),
+    "incomplete": (lambda config: config.pop("worker_start_ray_commands"),
+                   "missing 'worker_start_ray_commands'"),
+    "bad type": (_set("idle_timeout_minutes", "soon"), "idle_timeout_minutes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FAKE))
+def test_broken_fake_yaml_is_rejected(tmp_path, case):
+    mutate, expected = BROKEN_FAKE[case]
+    path = _broken(tmp_path, FAKE_YAML, mutate)
+    with pytest.raises(ClusterConfigError) as err:
+        validate_cluster_yaml(path)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_manifest_carries_what_a_rayjob_needs(path):
+    (doc,) = validate_kuberay_manifests(path)
+    cluster_spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    assert cluster_spec["enableInTreeAutoscaling"] is True
+    assert cluster_spec["authOptions"] == {"mode": "token"}
+    gpu_groups = [g for g in cluster_spec["workerGroupSpecs"] if g.get("resources")]
+    assert gpu_groups and all(g["minReplicas"] == 0 for g in gpu_groups)
+    if doc["kind"] == "RayJob":
+        spec = doc["spec"]
+        script = spec["entrypoint"].split()[1]
+        assert script in ("pipelines/build_mis.py", "pipelines/train.py")
+        assert "working_dir" in yaml.safe_load(spec["runtimeEnvYAML"])
+        assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
+
+
+def test_kuberay_has_a_cluster_and_jobs_for_build_mis_and_train():
+    docs = [doc for p in KUBERAY for doc in validate_kuberay_manifests(p)]
+    assert {d["kind"] for d in docs} == {"RayCluster", "RayJob"}
+    entrypoints = {d["spec"]["entrypoint"].split()[1] for d in docs if d["kind"] == "RayJob"}
+    assert entrypoints == {"pipelines/build_mis.py", "pipelines/train.py"}
+
+
+def _job_mutation(mutate):
+    def apply(doc):
+        mutate(doc["spec"])
+    return apply
+
+
+BROKEN_RAYJOB = {
+    "no shutdown": (_job_mutation(lambda s: s.pop("shutdownAfterJobFinishes")),
+                    "shutdownAfterJobFinishes"),
+    "negative ttl": (_job_mutation(lambda s: s.update(ttlSecondsAfterFinished=-1)),
+                     "ttlSecondsAfterFinished"),
+    "not a pipeline": (_job_mutation(lambda s: s.update(entrypoint="bash run.sh")), "entrypoint"),
+    "runtime env not YAML": (_job_mutation(lambda s: s.update(runtimeEnvYAML="a: [")),
+                             "runtimeEnvYAML"),
+    "auth off": (_job_mutation(lambda s: s["rayClusterSpec"].pop("authOptions")), "authOptions"),
+    "public head": (_job_mutation(lambda s: s["rayClusterSpec"]["headGroupSpec"].update(
+        serviceType="LoadBalancer")), "ClusterIP"),
+    "GPU group kept warm": (_job_mutation(lambda s: s["rayClusterSpec"]["workerGroupSpecs"][1]
+                                          .update(minReplicas=1)), "minReplicas to 0"),
+    "no autoscaling": (_job_mutation(lambda s: s["rayClusterSpec"].update(
+        enableInTreeAutoscaling=False)), "enableInTreeAutoscaling"),
+    "other Ray": (_job_mutation(lambda s: s["rayClusterSpec"].update(rayVersion="2.9.0")),
+                  "rayVersion"),
+    "gen_gpu not offered": (_job_mutation(lambda s: s["rayClusterSpec"]["workerGroupSpecs"][1]
+                                          ["resources"].update({"gen_gpu": "2"})),
+                            "equal to its GPUs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_RAYJOB))
+def test_broken_rayjob_is_rejected(tmp_path, case):
+    mutate, expected = BROKEN_RAYJOB[case]
+    path = _broken(tmp_path, ROOT / "cluster/kuberay/rayjob-build-mis.yaml", mutate)
+    with pytest.raises(ClusterConfigError) as err:
+        validate_kuberay_manifests(path)
+    assert expected in str(err.value)
+
+
+def test_cli_checks_files_and_placeholders(capsys):
+    paths = [str(p) for p in (*CLOUD_YAMLS.values(), FAKE_YAML, *KUBERAY)]
+    assert main(paths) == 0
+    assert "REPLACE_GIT_REF" in capsys.readouterr().out
+    # --strict: the committed cloud files still carry REPLACE_ values to fill in before `ray up`
+    assert main(["--strict", str(CLOUD_YAMLS["aws"])]) == 1
+    assert main(["--strict", str(FAKE_YAML)]) == 0

@@ -1,0 +1,67 @@
+"""Ray Jobs and the dashboard as users meet them: a token-auth head on loopback, the `ray job`
+CLI with RAY_AUTH_MODE/RAY_AUTH_TOKEN in the environment, the dashboard's REST API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BUILD_MIS = "configs/tiny/build_mis.yaml"
+
+
+def _ray_cli(head, *args: str, timeout_s: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["ray", *args], env=head.client_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout_s)
+
+
+def _rest(head, path: str, headers: dict[str, str] | None):
+    request = urllib.request.Request(head.dashboard_url + path, headers=headers or {})
+    return json.loads(urllib.request.urlopen(request, timeout=10).read())
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(360)
+def test_build_mis_job_submitted_with_cli_and_listed_by_dashboard(ray_head, tmp_path):
+    output = tmp_path / "mis"
+    submission_id = f"build-mis-tiny-{uuid.uuid4().hex[:8]}"
+    submitted = _ray_cli(
+        ray_head, "job", "submit", "--submission-id", submission_id, "--working-dir", ".", "--",
+        "python", "pipelines/build_mis.py", "--config", TINY_BUILD_MIS, f"--output_uri={output}",
+        timeout_s=300)
+    log = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, log[-5000:]
+    assert f"Job '{submission_id}' succeeded" in log, log[-5000:]
+
+    # every stage of the tiny config ran, and stage 1 committed its output
+    stages = yaml.safe_load((ROOT / TINY_BUILD_MIS).read_text())["stages"]
+    logs = _ray_cli(ray_head, "job", "logs", submission_id, timeout_s=60)
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    for stage in stages:
+        assert f"== stage {stage} done" in logs.stdout, logs.stdout[-5000:]
+    assert "# summary" in logs.stdout
+    assert (output / "captions_stats.json").is_file()
+
+    # the dashboard's REST API, with the token, lists the job as SUCCEEDED
+    jobs = {job["submission_id"]: job
+            for job in _rest(ray_head, "/api/jobs/", ray_head.auth_headers)}
+    assert jobs[submission_id]["status"] == "SUCCEEDED", jobs[submission_id]
+    assert "pipelines/build_mis.py" in jobs[submission_id]["entrypoint"]
+    job = _rest(ray_head, f"/api/jobs/{submission_id}", ray_head.auth_headers)
+    assert job["status"] == "SUCCEEDED" and job["end_time"] >= job["start_time"]
+
+    # without the token: refused (401); with a wrong one: forbidden (403)
+    for path in ("/api/jobs/", f"/api/jobs/{submission_id}", "/api/v0/nodes"):
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            _rest(ray_head, path, headers=None)
+        assert missing.value.code == 401, path
+    with pytest.raises(urllib.error.HTTPError) as wrong:
+        _rest(ray_head, "/api/jobs/", {"Authorization": "Bearer " + "0" * 32})
+    assert wrong.value.code == 403
