@@ -171,6 +171,11 @@ class GenerateConfig(StrictModel):
     keep_latents: bool = Field(True, description="Store the fp16 SD latents beside the images.")
     num_gpus: float = Field(1.0, ge=0, description="GPUs per generating actor (0: CPU actors).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per generating actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per actor, e.g. {gen_gpu: 1} to land on the "
+        "generation node type of cluster/*.yaml rather than on a training node.",
+    )
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1, description="Upper bound of the actor pool; an autoscaling "
                             "cluster grows towards it.")
@@ -200,6 +205,119 @@ class BuildMISConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     captions: CaptionsConfig
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling (m2m_ray/sampling/, pipelines/generate.py)
+# ---------------------------------------------------------------------------------------------
+
+
+class SampleConfig(StrictModel):
+    """How M2M samples: the arguments of ``M2MPipeline.__call__`` / ``generate``."""
+
+    num_images: int = Field(4, ge=1, description="M: images generated per set, one after another.")
+    context_window: int = Field(
+        8, ge=1, description="W: a new image sees the last W images of its set (given ones first, "
+        "then the generated ones as they join).")
+    num_inference_steps: int = Field(50, ge=1, description="Denoising steps per image.")
+    scheduler: Literal["ddim", "euler", "pndm", "dpmsolver++"] = Field(
+        "ddim", description="Scheduler on SD-2.1's noise schedule (paper: DDIM).")
+    guidance_scale: float = Field(
+        3.0, description="s_I, image guidance (eq. 6): 1 = the conditional prediction alone (one "
+        "UNet branch), 0 = ignore the context.")
+    task_guidance_scale: float = Field(
+        3.0, description="s_T, task guidance (eq. 7); used only when task conditions are given.")
+    use_cache: bool = Field(
+        True, description="Encode each context image once into per-site keys/values (same images "
+        "as False, which re-encodes the context at every step: the paper's cost).")
+    seed: int = Field(0, description="Base seed; set s draws its noises from a generator seeded "
+                      "with m2m_ray.sampling.job.set_seed(set_id, seed).")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Precision on GPU; the CPU always runs float32.")
+    resolution: int | None = Field(
+        None, ge=8, multiple_of=8, description="Image size in pixels; None: the model preset's "
+        "(512 for sd21-base, 64 for tiny).")
+    vae_batch_size: int = Field(8, ge=1, description="Images per VAE encode/decode call.")
+
+
+class GenerateInputsConfig(StrictModel):
+    """Where the sets come from: exactly one of images, mis_uri, mis_shard, coco_annotations."""
+
+    images: list[str] = Field(
+        default_factory=list, description="Image files, folders or globs (local or s3://): one "
+        "set whose context is all of them, in order.")
+    caption: str | None = Field(None, description="Caption recorded for the `images` set.")
+    mis_uri: str | None = Field(None, description="MIS dataset root: its sets of `mis_split`.")
+    mis_shard: str | None = Field(None, description="One MIS shard file (.parquet or .tar).")
+    mis_split: Literal["train", "test"] | None = Field(
+        "test", description="Split of the MIS sets used (None: both).")
+    mis_format: Literal["parquet", "webdataset"] = "parquet"
+    coco_annotations: str | None = Field(
+        None, description="MSCOCO instances_*.json: real-image sets by category (paper §8.3).")
+    coco_images: str | None = Field(
+        None, description="Folder of the COCO images; None: <dataset>/<split> beside "
+        "<dataset>/annotations/instances_<split>.json.")
+    coco_min_area_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Keep images whose dominant category covers at least "
+        "this fraction of the image.")
+    context_images: int = Field(
+        4, ge=0, description="K: the first K images of each MIS / COCO set are the context (the "
+        "`images` set uses all its images).")
+    max_sets: int | None = Field(None, ge=1, description="Use only the first N sets.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "GenerateInputsConfig":
+        given = [k for k in ("images", "mis_uri", "mis_shard", "coco_annotations")
+                 if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"inputs sets {given or 'nothing'}; set exactly one of images, "
+                             "mis_uri, mis_shard, coco_annotations")
+        return self
+
+
+class GenerateSetsConfig(StrictModel):
+    """What to generate with which model, and the actor pool that does it."""
+
+    output_uri: str = Field(..., description="Generations folder (local or s3://): images, "
+                            "generations.jsonl (m2m_ray/eval/generations.py), contact_sheet.png.")
+    model_path: str | None = Field(
+        None, description="M2MPipeline folder (local or s3://, written by save_pretrained or the "
+        "training export). None: a fresh model from `model` + `m2m`, untrained image-set "
+        "attention (demos and tests only).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    m2m: M2MConfig = Field(default_factory=M2MConfig)
+    inputs: GenerateInputsConfig
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    engine: Literal["ray", "local"] = Field(
+        "ray", description="ray: Ray Data with an actor pool (many sets, a cluster); local: in "
+        "this process, no Ray (a few sets on this machine).")
+    sets_per_batch: int = Field(4, ge=1, description="Sets denoised together in one UNet batch.")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per generating actor (0: CPU).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per generating actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per actor, e.g. {gen_gpu: 1} to land on the "
+        "generation node type of cluster/*.yaml rather than on a training node.",
+    )
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    image_format: Literal["png", "jpeg"] = "png"
+    contact_sheet_sets: int = Field(8, ge=0, description="Sets shown in contact_sheet.png "
+                                    "(inputs | generated); 0: no sheet.")
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "GenerateSetsConfig":
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors}); "
+                             "set max_actors >= min_actors")
+        return self
+
+
+class GenerateJobConfig(GenerateSetsConfig):
+    """pipelines/generate.py."""
+
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -265,6 +383,138 @@ class EvalConfig(StrictModel):
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors "
                              f"({self.max_actors}); set max_actors >= min_actors")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (m2m_ray/train/, m2m_ray/data/training.py)
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainDataConfig(StrictModel):
+    """MIS shards → training sets (m2m_ray/data/training.py)."""
+
+    uri: str = Field(..., description="MIS root (build_mis output_uri): local path or s3://.")
+    format: Literal["parquet", "webdataset"] = Field(
+        "parquet", description="Shard format read. Parquet reads only the columns a sample needs "
+        "(no image bytes at all for M2M-Self on stored latents).")
+    split: Literal["train", "test"] | None = Field("train", description="Use the sets of this "
+                                                   "split only; None: all sets.")
+    images_per_set: int = Field(
+        8, ge=2, le=25, description="N: each training sample is a random ordered subset of N of a "
+        "set's images, drawn from (seed, epoch, caption_id): a new subset every epoch.")
+    latents: Literal["auto", "stored", "encode"] = Field(
+        "auto", description="auto: the shard's stored SD latents when present and of the training "
+        "size, else VAE encoding on actors; stored: require stored latents; encode: always encode.")
+    on_bad_data: Literal["error", "skip"] = Field(
+        "error", description="A corrupt image or an unreadable/truncated shard: stop with an error "
+        "naming the shard, or skip the set (the rest of a truncated shard) and count it in the "
+        "data/skipped_* metrics.")
+    read_num_cpus: float = Field(1.0, gt=0, description="CPUs per read task (one shard of one "
+                                 "epoch: read, choose N, decode, resize).")
+    sets_per_block: int = Field(16, ge=1, description="Sets per block a read task emits.")
+    vae_num_gpus: float = Field(1.0, ge=0, description="GPUs per VAE encoding actor (0: CPU).")
+    vae_num_cpus: float = Field(1.0, gt=0, description="CPUs per VAE encoding actor.")
+    vae_batch_size: int = Field(8, ge=1, description="Sets per VAE actor call.")
+    vae_max_actors: int = Field(1, ge=1, description="VAE actors per training worker's stream.")
+    prefetch_batches: int = Field(2, ge=0, description="Batches prefetched by each worker.")
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW.")
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-2, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; "
+                                        "None: no clipping (the norm is still reported).")
+    warmup_steps: int = Field(1000, ge=0, description="Linear warm-up from 0 to lr.")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr / peak lr.")
+
+
+class EMAConfig(StrictModel):
+    decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay per optimizer step.")
+    warmup: bool = Field(True, description="Use min(decay, (1 + s) / (10 + s)) at step s, so the "
+                         "EMA follows the model early on (a pure 0.9999 needs ~10k steps).")
+
+
+class TrainCheckpointConfig(StrictModel):
+    every_steps: int = Field(1000, ge=1, description="Checkpoint (and sample grid) interval; the "
+                             "last step always checkpoints.")
+    num_to_keep: int | None = Field(3, ge=1, description="Ray Train CheckpointConfig.num_to_keep.")
+
+
+class SampleGridConfig(StrictModel):
+    """The PNG grid of EMA samples written with every checkpoint."""
+
+    enabled: bool = True
+    num_sets: int = Field(2, ge=1, description="Rows: sets from the training stream.")
+    context_images: int = Field(2, ge=0, description="K real images per row as context.")
+    new_images: int = Field(2, ge=1, description="M images generated after them, one by one.")
+    steps: int = Field(50, ge=1, description="DDIM steps per image.")
+    guidance_scale: float = Field(3.0, description="Image guidance s_I (eq. 6).")
+
+
+class TrainScalingConfig(StrictModel):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one GPU each with use_gpu).")
+    use_gpu: bool = True
+    cpus_per_worker: float = Field(2.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0, description="With use_gpu.")
+
+
+class TrainFaultInjectionConfig(StrictModel):
+    """For tests of fault tolerance only; off by default."""
+
+    fail_at_step: int | None = Field(
+        None, ge=1, description="Raise in one worker right after this step, once per run (a "
+        "marker under <storage_path>/<run_name>/_faults records that it happened).")
+    fail_rank: int = Field(0, ge=0, description="The worker that raises.")
+
+
+class TrainConfig(StrictModel):
+    run_name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                          description="Ray Train run name: rerunning with the same name and "
+                          "storage_path continues from the run's last checkpoint.")
+    storage_path: str = Field(..., description="Checkpoints and run state: local or s3://.")
+    init_from: str | None = Field(
+        None, description="Fine-tuning: an M2M model folder (an export with unet/, or an "
+        "M2MUNet folder) whose weights start the run; task embedders that it lacks start "
+        "fresh (zero-initialized). None: pre-training from the preset (SD-2.1-base).")
+    export_uri: str | None = Field(None, description="Write the final EMA model here as an "
+                                   "M2MPipeline folder (local or s3://); None: no export.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    m2m: M2MConfig = Field(default_factory=M2MConfig)
+    data: TrainDataConfig
+    scaling: TrainScalingConfig = Field(default_factory=TrainScalingConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    checkpoint: TrainCheckpointConfig = Field(default_factory=TrainCheckpointConfig)
+    samples: SampleGridConfig = Field(default_factory=SampleGridConfig)
+    global_batch_size: int = Field(256, ge=1, description="Sets per optimizer step, all workers "
+                                   "together (paper: 256).")
+    max_steps: int = Field(..., ge=1, description="Optimizer steps of the whole run.")
+    seed: int = Field(0, description="Seeds new weights, subsets, noise, timesteps, dropout.")
+    context_drop_prob: float = Field(0.1, ge=0, le=1, description="Probability that a set sees "
+                                     "no context (and no task conditions): paper 10%.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU. Weights stay fp32.")
+    gradient_checkpointing: bool | None = Field(None, description="None: on GPU only.")
+    log_every_steps: int = Field(50, ge=1, description="Metrics interval (ray.train.report).")
+    max_failures: int = Field(3, ge=-1, description="Ray Train FailureConfig.max_failures.")
+    fault_injection: TrainFaultInjectionConfig = Field(default_factory=TrainFaultInjectionConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        workers = self.scaling.num_workers
+        if self.global_batch_size % workers:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "
+                             f"scaling.num_workers {workers}; every worker takes the same share")
+        if self.samples.context_images > self.data.images_per_set:
+            raise ValueError(f"samples.context_images {self.samples.context_images} > "
+                             f"data.images_per_set {self.data.images_per_set}: the grid's "
+                             "context comes from one training sample")
         return self
 
 

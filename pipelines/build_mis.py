@@ -27,13 +27,9 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
 from m2m_ray.config import BuildMISConfig, config_to_yaml, load_config  # noqa: E402
+from m2m_ray.mis.build import run_generate_stage  # noqa: E402
 from m2m_ray.mis.captions import run_captions_stage  # noqa: E402
 from m2m_ray.runtime import init_ray  # noqa: E402
-
-
-def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
-    raise NotImplementedError(
-        "stage `generate` is not implemented yet; run stage 1 alone with --stages='[captions]'")
 
 
 STAGES: dict[str, Callable[[BuildMISConfig], dict[str, Any]]] = {
@@ -49,6 +45,13 @@ def summarize(name: str, stats: dict[str, Any]) -> str:
         return (f"captions: {stats['input_lines']} lines → {stats['kept']} kept in "
                 f"{len(stats['shards'])} shards; rejected: {rejected}; "
                 f"{timings['total_s']} s ({timings['captions_per_s']} captions/s)")
+    if name == "generate":
+        run = stats["this_run"]
+        return (f"generate: {stats['sets']} sets, {stats['images']} images in "
+                f"{stats['committed_shards']}/{stats['expected_shards']} committed shards "
+                f"(this run: {run['shards']} shards, {run['images']} images in {run['seconds']} s, "
+                f"{run['images_per_second']} images/s); {stats['rejected_captions']} captions "
+                "rejected in stage 1")
     return f"{name}: " + json.dumps(stats)[:500]
 
 

@@ -141,9 +141,12 @@ def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
             compute=ray.data.ActorPoolStrategy(
                 min_size=min(gen.min_actors, len(pending)),
                 max_size=min(gen.max_actors, len(pending)),
-                max_tasks_in_flight_per_actor=1),
+                # 2: an actor starts its next shard the moment one commits, and Ray Data's pool
+                # autoscaler only grows a pool whose actors can hold more than one task.
+                max_tasks_in_flight_per_actor=2),
             num_gpus=gen.num_gpus,
             num_cpus=gen.num_cpus,
+            resources=gen.resources or None,
         )
         try:
             for row in results.iter_rows():
