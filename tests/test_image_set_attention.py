@@ -1,0 +1,94 @@
+import logging
+
+import pytest
+import torch
+
+from m2m_ray.config import M2MConfig, ModelConfig
+from m2m_ray.models.image_set_attention import (
+    ImageSetAttnProcessor,
+    SelfAttnProcessor,
+    image_set_attention,
+    visible_context,
+)
+from m2m_ray.models.m2m_unet import M2MUNet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core CI box spinning OpenMP
+    threads make them ~50× slower; restore the setting for other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reference(query, key, value, null_key, null_value, heads, offset, drop):
+    """Per target, plain softmax attention over the null token and the visible context (float64)."""
+    batch, num_targets, _, inner = query.shape
+    num_context = key.shape[1]
+    d = inner // heads
+    visible = visible_context(num_targets, num_context, offset)
+    out = torch.empty(query.shape, dtype=torch.float64)
+    for b in range(batch):
+        for j in range(num_targets):
+            seen = [i for i in range(num_context) if visible[j, i] and not drop[b]]
+            keys = torch.cat([null_key[None], *[key[b, i] for i in seen]]).double()
+            values = torch.cat([null_value[None], *[value[b, i] for i in seen]]).double()
+            q = query[b, j].double()
+            for h in range(heads):
+                part = slice(h * d, (h + 1) * d)
+                weights = torch.softmax(q[:, part] @ keys[:, part].T / d**0.5, -1)
+                out[b, j, :, part] = weights @ values[:, part]
+    return out
+
+
+@pytest.mark.parametrize("num_targets,num_context,offset", [(3, 3, 0), (3, 2, 0), (1, 3, 3),
+                                                            (3, 3, 1), (2, 0, 0)])
+def test_core_equals_per_target_softmax(num_targets, num_context, offset):
+    gen = torch.Generator().manual_seed(0)
+    batch, query_len, key_len, inner, heads = 3, 5, 4, 8, 2
+    query = torch.randn(batch, num_targets, query_len, inner, generator=gen)
+    key = torch.randn(batch, num_context, key_len, inner, generator=gen)
+    value = torch.randn(batch, num_context, key_len, inner, generator=gen)
+    null_key, null_value = torch.randn(inner, generator=gen), torch.randn(inner, generator=gen)
+    drop = torch.tensor([False, True, False])
+    got = image_set_attention(query, key, value, null_key, null_value, heads, offset, drop)
+    want = _reference(query, key, value, null_key, null_value, heads, offset, drop)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # A dropped sample gets exactly what an empty context gives: the null value.
+    empty = image_set_attention(query, key[:, :0], value[:, :0], null_key, null_value, heads, 0)
+    assert torch.equal(got[1], empty[1])
+    assert torch.equal(empty, null_value.expand_as(empty))
+
+
+def test_visibility_rule():
+    assert visible_context(3, 3, 0).tolist() == [[False, False, False], [True, False, False],
+                                                 [True, True, False]]
+    assert visible_context(1, 4, 4).tolist() == [[True, True, True, True]]
+
+
+def test_processors_installed_and_kwargs_reach_them():
+    model = M2MUNet.from_preset(ModelConfig(preset="tiny"), M2MConfig(variant="self"))
+    attn2 = [model.unet.get_submodule(n) for n in model.site_names]
+    assert len(attn2) == 7 and all(isinstance(a.processor, ImageSetAttnProcessor) for a in attn2)
+    assert [a.processor.site for a in attn2] == list(range(7))
+    assert all(not a.to_out[0].weight.any() and not a.to_out[0].bias.any() for a in attn2)
+    attn1 = [p for k, p in model.unet.attn_processors.items() if ".attn1." in k]
+    assert len(attn1) == 7 and all(isinstance(p, SelfAttnProcessor) for p in attn1)
+    # Processor parameters are registered children, so they are saved and trained.
+    assert sum(".processor.null_key" in n for n, _ in model.named_parameters()) == 7
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        model(torch.randn(1, 2, 4, 8, 8), torch.zeros(1, 2), torch.randn(1, 2, 4, 8, 8))
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "not expected" in r.getMessage()]
+
+    with pytest.raises(RuntimeError, match="cross_attention_kwargs"):
+        model.unet(torch.randn(1, 4, 8, 8), 0, encoder_hidden_states=None)
