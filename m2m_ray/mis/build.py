@@ -22,9 +22,10 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
 
 from m2m_ray import storage
-from m2m_ray.config import BuildMISConfig, config_to_dict
+from m2m_ray.config import BuildMISConfig, config_to_dict, save_config
 from m2m_ray.mis.captions import load_shard_captions, read_captions_stats
 from m2m_ray.mis.generate import SDSetGenerator, encoded_sets
 from m2m_ray.mis.shards import MISLayout, ShardWriter, write_manifest
@@ -72,6 +73,7 @@ class ShardWorker:
                 "images_per_second": round(writer.num_images / max(seconds, 1e-9), 3),
                 "metadata": self.generator.metadata, "config": config_to_dict(self.cfg.generate),
                 "host": os.uname().nodename, "device": str(self.generator.device),
+                "ray_node_id": ray.get_runtime_context().get_node_id(),
             })
         except BaseException:
             writer.abort()
@@ -112,9 +114,6 @@ def _check_settings(layout: MISLayout, cfg: BuildMISConfig) -> None:
 
 def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
     """Generate every pending shard; returns the manifest plus run totals."""
-    import ray
-
-    from m2m_ray.config import save_config
 
     layout = MISLayout(cfg.output_uri, cfg.storage)
     caption_stats = read_captions_stats(cfg.output_uri, cfg.storage)
