@@ -16,7 +16,7 @@ context images they see; each group is one ``F.scaled_dot_product_attention`` ca
 without any mask, so SDPA may pick its flash/memory-efficient kernels, masked keys cost nothing
 (≈ half the attention FLOPs of a masked version in training) and no mask is built at all, let alone
 a dense ``N·h·w × N·h·w`` one. Dropped samples take the null value (the exact output of attention
-over the null token alone) with ``torch.where``.
+over the null token alone) without any attention compute: only the kept samples attend.
 
 Processors are ``nn.Module``s (they own the null key/value and the zero-initialized task-condition
 projection), installed with ``set_attn_processor`` before weights are loaded. Everything a call
@@ -75,6 +75,16 @@ def image_set_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     query ``(B, M, Lq, inner)``, key/value ``(B, K, Lk, inner)``, null_key/null_value ``(inner,)``,
     context_drop ``(B,)`` bool or None → ``(B, M, Lq, inner)``.
     """
+    if context_drop is not None:
+        kept = (~context_drop).nonzero().flatten()  # (B',): one host sync per call
+        if kept.numel() < context_drop.numel():
+            # A dropped sample attends to the null token alone, whose output is its value: attend
+            # for the kept samples only (a guidance batch's unconditional half costs no attention).
+            out = null_value.to(query.dtype).expand(query.shape).clone()  # (B, M, Lq, inner)
+            if kept.numel():
+                out[kept] = image_set_attention(query[kept], key[kept], value[kept], null_key,
+                                                null_value, heads, offset)
+            return out
     batch, num_targets, query_len, inner = query.shape
     num_context, key_len = key.shape[1], key.shape[2]
     head_dim = inner // heads
@@ -91,10 +101,7 @@ def image_set_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         span = 1 + seen * key_len
         out = F.scaled_dot_product_attention(group, keys[:, :, :span], values[:, :, :span])
         outputs.append(out.transpose(1, 2).reshape(batch, last - first, query_len, inner))
-    out = torch.cat(outputs, 1)  # (B, M, Lq, inner)
-    if context_drop is not None:
-        out = torch.where(context_drop.view(batch, 1, 1, 1), null_value.to(out.dtype), out)
-    return out
+    return torch.cat(outputs, 1)  # (B, M, Lq, inner)
 
 
 @dataclass(frozen=True, eq=False)
