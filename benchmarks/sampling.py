@@ -1,0 +1,284 @@
+"""Seconds per generated image: M2M-Self with and without the context cache, M2M-DINO, and the
+plain UNet of the same size without image-set attention, at K context images (paper Figure 9).
+
+    # CPU, tiny preset (this repo's CI machine)
+    python benchmarks/sampling.py --preset tiny --device cpu --steps 10 --threads 1
+    # GPU, full SD-2.1-base / DINOv2-giant shapes with random weights (no Ray, no download)
+    python benchmarks/sampling.py --preset sd21-base-shapes --device cuda --out sampling.json
+
+What one measurement is: the steady state of an auto-regressive run with K images in the context
+window (W = K). One generated image per set = ``steps`` denoising steps (DDIM, image guidance
+s_I = 3: two branches per UNet batch, as SD's classifier-free guidance), the VAE decode of the
+result, and what makes it join the context: M2M-Self cached, one clean UNet pass (t = 0) of the
+new latents; M2M-DINO, one DINOv2 forward on the decoded image and the per-site projections;
+uncached, nothing (the clean pass of all K context images runs at every step instead). The window
+then drops its oldest image, so every timed repeat starts from K images again.
+
+Methods: ``plain`` = the base UNet with attn2 removed (no cross-attention at all), two rows per
+step; ``sd-text`` = the base UNet with SD's 77-token text cross-attention (reference: what plain
+SD sampling costs, text encoder excluded); ``self-cached``, ``self-uncached``, ``dino`` = M2M.
+
+FLOPs per generated image are counted (torch.utils.flop_counter; SDPA on CPU via a registered
+formula): steps × one guided UNet evaluation + the join. The FLOP floor of M2M is what it must
+compute: per step one plain UNet row (the unconditional branch, which sees the null token only) and
+one row with image-set attention, plus the join. Self-cached's floor time is the plain time scaled
+by that: t_plain · F_floor / F_plain, the time it would take at the plain UNet's FLOP/s.
+Output: a Markdown table and a self-describing JSON (machine, settings, rows, goals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils import flop_counter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from m2m_ray.config import M2MConfig, ModelConfig  # noqa: E402
+from m2m_ray.models import presets  # noqa: E402
+from m2m_ray.models.context import DinoEncoder  # noqa: E402
+from m2m_ray.models.m2m_unet import M2MUNet  # noqa: E402
+from m2m_ray.sampling.codec import ImageCodec  # noqa: E402
+from m2m_ray.sampling.guidance import guidance_branches  # noqa: E402
+from m2m_ray.sampling.sampler import (ContextState, GuidedDenoiser, denoise_image,  # noqa: E402
+                                      latent_shape)
+
+GUIDANCE = 3.0
+GOALS = {"dino_vs_plain_at_8": 1.15, "cache_speedup_at_8": 3.0, "self_cached_vs_floor_at_8": 1.2}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _skip_attn2(unet: torch.nn.Module) -> torch.nn.Module:
+    for module in unet.modules():
+        if hasattr(module, "attn2"):
+            module.attn2 = None
+    return unet
+
+
+class Case:
+    """One method at one K in the steady state: ``eps`` is one guided UNet evaluation, ``join`` what
+    follows a finished image (VAE decode, and for M2M its joining the context), ``run(steps)``
+    generates one image per set with the library's denoising loop."""
+
+    def __init__(self, args, method: str, num_context: int, parts: dict):
+        self.args, self.method, self.K = args, method, num_context
+        self.device, self.dtype = parts["device"], parts["dtype"]
+        self.scheduler = presets.load_scheduler(parts["model"], "ddim")
+        self.codec: ImageCodec = parts["codec"]
+        size = parts["resolution"]
+        gen = torch.Generator().manual_seed(0)
+        self.noise = torch.randn(args.batch, *latent_shape(self.codec, size, size),
+                                 generator=gen).to(self.device)
+        self.plain = method in ("plain", "sd-text")
+        if self.plain:
+            self.unet = parts["plain"] if method == "plain" else parts["sd"]
+            width = self.unet.config.cross_attention_dim
+            self.text = (None if method == "plain" else
+                         torch.randn(2 * args.batch, 77, width, generator=gen).to(self.device,
+                                                                                 self.dtype))
+            return
+        self.model: M2MUNet = parts["self" if method.startswith("self") else "dino"]
+        self.state = ContextState(self.model, window=num_context,
+                                  use_cache=method != "self-uncached")
+        pixels = torch.rand(args.batch, num_context, 3, size, size, generator=gen).to(self.device)
+        with torch.no_grad():
+            latents = self.codec.encode(pixels) if self.codec.variant == "self" else None
+            self.state.add(self.codec.context_of(latents, pixels))
+        self.branches = guidance_branches(GUIDANCE)
+
+    @torch.no_grad()
+    def eps(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.plain:
+            return GuidedDenoiser(self.model, self.state, self.branches, latents.shape[0])(latents,
+                                                                                          t)
+        rows = torch.cat([latents] * 2).to(self.dtype)  # (2B, 4, h, w): the guidance branches
+        uncond, cond = self.unet(rows, t, encoder_hidden_states=self.text).sample.float().chunk(2)
+        return uncond + GUIDANCE * (cond - uncond)
+
+    @torch.no_grad()
+    def join(self, latents: torch.Tensor) -> None:
+        pixels = self.codec.decode(latents[:, None])  # (B, 1, 3, H, W): the output image
+        if not self.plain:
+            self.state.add(self.codec.context_of(latents[:, None], pixels))  # the oldest leaves
+
+    @torch.no_grad()
+    def run(self, steps: int) -> None:
+        if self.plain:
+            self.scheduler.set_timesteps(steps, device=self.device)
+            latents = self.noise.clone()
+            for t in self.scheduler.timesteps:
+                latents = self.scheduler.step(self.eps(latents, t), t, latents).prev_sample
+        else:
+            latents = denoise_image(self.model, self.scheduler, self.state, self.noise, steps,
+                                    self.branches)
+        self.join(latents)
+
+    def flops(self, steps: int) -> float:
+        """FLOPs per generated image: ``steps`` guided evaluations + the join."""
+        t = torch.tensor(500, device=self.device)
+        return (steps * count_flops(lambda: self.eps(self.noise, t))
+                + count_flops(lambda: self.join(self.noise))) / self.args.batch
+
+    def floor_flops(self, steps: int, plain_unet: torch.nn.Module) -> float:
+        """The FLOPs M2M needs per image: per step one plain UNet row (the unconditional branch,
+        whose image-set attention sees the null token only) and one row with image-set attention;
+        plus the join."""
+        t = torch.tensor(500, device=self.device)
+        conditional = GuidedDenoiser(self.model, self.state, guidance_branches(1.0),
+                                     self.noise.shape[0])
+        step = (count_flops(lambda: conditional(self.noise, t))
+                + count_flops(lambda: plain_unet(self.noise.to(self.dtype), t,
+                                                 encoder_hidden_states=None)))
+        return (steps * step + count_flops(lambda: self.join(self.noise))) / self.args.batch
+
+
+def measure(case: Case, args, plain_unet: torch.nn.Module) -> dict:
+    row = {"method": case.method, "K": case.K, "gflops_per_image": case.flops(args.steps) / 1e9}
+    if not case.plain:
+        row["floor_gflops_per_image"] = case.floor_flops(args.steps, plain_unet) / 1e9
+    for _ in range(args.warmup):
+        case.run(args.steps)
+    _sync(case.device)
+    # CPU: process CPU time (robust on a shared machine with --threads 1); GPU: synchronised wall.
+    clock = time.process_time if case.device.type == "cpu" else time.perf_counter
+    times = []
+    for _ in range(args.repeats):
+        started = clock()
+        case.run(args.steps)
+        _sync(case.device)
+        times.append((clock() - started) / args.batch)
+    row.update(seconds_per_image=statistics.median(times),
+               seconds_all=[round(t, 4) for t in times])
+    if case.device.type == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def build_parts(args) -> dict:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    model = ModelConfig(preset=args.preset)
+    with torch.device(device):  # random weights initialised where they run (fast on a GPU)
+        sd = presets.load_unet(model, device, dtype)
+        parts = {"device": device, "dtype": dtype, "model": model,
+                 "resolution": presets.PRESETS[args.preset].resolution,
+                 "sd": sd, "plain": _skip_attn2(copy.deepcopy(sd)),
+                 "self": M2MUNet.from_preset(model, M2MConfig(variant="self"), device, dtype),
+                 "dino": M2MUNet.from_preset(model, M2MConfig(variant="dino"), device, dtype)}
+        vae = presets.load_vae(model, device, dtype)
+        dino = DinoEncoder.from_preset(model, device, dtype)
+    parts["codec_self"] = ImageCodec(vae, "self")
+    parts["codec_dino"] = ImageCodec(vae, "dino", dino)
+    return parts
+
+
+def run(args) -> dict:
+    parts = build_parts(args)
+    results = []
+    plan = [("plain", 0), ("sd-text", 0)] + [(m, k) for k in args.contexts
+                                              for m in ("self-cached", "self-uncached", "dino")]
+    for method, num_context in plan:
+        parts["codec"] = parts["codec_dino" if method == "dino" else "codec_self"]
+        row = measure(Case(args, method, num_context, parts), args, parts["plain"])
+        results.append(row)
+        print(f"{method:>14} K={num_context}: {row['seconds_per_image']:.4f} s/image, "
+              f"{row['gflops_per_image']:.1f} GFLOP/image", flush=True)
+    return {"benchmark": "sampling", "machine": machine(args), "settings": vars(args),
+            "results": results, "goals": goals(results)}
+
+
+def goals(results: list[dict]) -> dict:
+    """The issue's three goals at K = 8."""
+    at = {(r["method"], r["K"]): r for r in results}
+    if ("dino", 8) not in at:
+        return {}
+    plain, dino = at[("plain", 0)], at[("dino", 8)]
+    cached, uncached = at[("self-cached", 8)], at[("self-uncached", 8)]
+    seconds = "seconds_per_image"
+    floor = plain[seconds] * cached["floor_gflops_per_image"] / plain["gflops_per_image"]
+    values = {"dino_vs_plain_at_8": (dino[seconds] / plain[seconds], "<="),
+              "cache_speedup_at_8": (uncached[seconds] / cached[seconds], ">="),
+              "self_cached_vs_floor_at_8": (cached[seconds] / floor, "<=")}
+    out = {}
+    for name, (value, op) in values.items():
+        target = GOALS[name]
+        met = value >= target if op == ">=" else value <= target
+        out[name] = {"value": round(value, 3), "goal": f"{op} {target}", "met": met}
+    out["self_cached_floor_seconds_at_8"] = round(floor, 4)
+    return out
+
+
+def table(report: dict) -> str:
+    plain = next(r for r in report["results"] if r["method"] == "plain")
+    lines = ["| method | K | s / image | × plain | GFLOP / image | × plain FLOPs | floor × plain |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        floor = (f"{r['floor_gflops_per_image'] / plain['gflops_per_image']:.3f}"
+                 if "floor_gflops_per_image" in r else "")
+        lines.append(f"| {r['method']} | {r['K']} | {r['seconds_per_image']:.4f} | "
+                     f"{r['seconds_per_image'] / plain['seconds_per_image']:.2f} | "
+                     f"{r['gflops_per_image']:.1f} | "
+                     f"{r['gflops_per_image'] / plain['gflops_per_image']:.3f} | {floor} |")
+    return "\n".join(lines)
+
+
+def machine(args) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "sd21-base-shapes"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float16", help="on CUDA; the CPU runs float32")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--contexts", type=lambda s: [int(k) for k in s.split(",")],
+                        default=[1, 4, 8])
+    parser.add_argument("--batch", type=int, default=1, help="sets generated together")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); "
+                        "use 1 on a shared CPU, where spinning OpenMP threads distort timings")
+    parser.add_argument("--out", help="write the JSON report here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run(args)
+    print(table(report))
+    print(json.dumps(report["goals"], indent=2, ensure_ascii=False))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return report
+
+
+if __name__ == "__main__":
+    main()

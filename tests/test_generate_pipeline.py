@@ -1,0 +1,180 @@
+"""pipelines/generate.py on real photographs (the ones the scikit-image wheel ships), in-process
+and as a Ray Data batch job over MSCOCO-format category sets."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from m2m_ray.config import M2MConfig, ModelConfig
+from m2m_ray.data.image_inputs import ImageInputError
+from m2m_ray.eval import generations as gen
+from m2m_ray.mis.ids import caption_id
+from m2m_ray.mis.shards import MISLayout, SetRecord, ShardWriter
+from m2m_ray.sampling.pipeline import M2MPipeline
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "pipelines"))
+
+import generate  # noqa: E402  pipelines/generate.py
+
+SKIMAGE_DATA = os.path.dirname(skimage.data.__file__)
+# Photographs of assorted sizes and modes: RGB PNG/JPEG, greyscale (camera), RGBA (logo).
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "logo.png"]
+FAST = ["--sample.num_inference_steps=2", "--sample.num_images=2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny M2M-Self pipeline whose image-set attention is not a no-op."""
+    pipe = M2MPipeline.from_preset(ModelConfig(preset="tiny"), M2MConfig(variant="self"))
+    gen_ = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "attn2.to_out" in name:
+                param.copy_(torch.randn(param.shape, generator=gen_) * 0.3)
+    path = tmp_path_factory.mktemp("model")
+    pipe.save_pretrained(path)
+    return str(path)
+
+
+def write_mis(root: str, num_sets: int = 6, images_per_set: int = 6) -> list[int]:
+    """One committed Parquet shard of MIS sets (flat-colour JPEGs); every third set is train."""
+    writer = ShardWriter(MISLayout(root), 0, ["parquet"])
+    records, ids = [], []
+    for i in range(num_sets):
+        cid = caption_id(0, i + 1)
+        images = []
+        for j in range(images_per_set):
+            buffer = io.BytesIO()
+            Image.new("RGB", (64, 64), (40 * i % 256, 30 * j % 256, 128)).save(buffer, "JPEG")
+            images.append(buffer.getvalue())
+        split = "train" if i % 3 == 0 else "test"
+        records.append(SetRecord(cid, 0, split, f"set number {i}", f"http://x/{i}",
+                                 list(range(images_per_set)), images, "jpg", None,
+                                 {"image_format": "jpeg"}))
+        if split == "test":
+            ids.append(cid)
+    writer.add(records)
+    writer.commit({})
+    return ids
+
+
+def _photo_folder(root, names):
+    root.mkdir()
+    for name in names:
+        shutil.copy(os.path.join(SKIMAGE_DATA, name), root / name)
+    return root
+
+
+def _png(path):
+    with Image.open(path) as image:
+        return image.format, image.size, image.mode
+
+
+def test_generate_on_a_folder_of_real_photos(tmp_path, model_dir):
+    folder = _photo_folder(tmp_path / "photos", PHOTOS)
+    (folder / "notes.txt").write_text("not an image: the folder scan skips it")
+    out = tmp_path / "out"
+    summary = generate.main([f"--inputs.images=[{folder}]", "--inputs.caption=skimage photos",
+                             f"--output_uri={out}", f"--model_path={model_dir}",
+                             "--engine=local", "--sample.num_images=3",
+                             "--sample.num_inference_steps=2"])
+    assert (summary["sets"], summary["generated_images"], summary["skipped"]) == (1, 3, [])
+    [record] = gen.read_generations(str(out))
+    assert (record.set_id, record.caption) == ("input", "skimage photos")
+    assert len(record.context) == len(PHOTOS) and len(record.generated) == 3
+    assert record.meta["model"] == "M2M-Self" and record.meta["split"] == "external"
+    assert record.meta["model_path"] == model_dir and record.meta["num_inference_steps"] == 2
+    for path in record.context + record.generated:
+        assert _png(gen.image_uri(str(out), path)) == ("PNG", (64, 64), "RGB")
+    # Contact sheet: one row of 6 inputs, an arrow tile and 3 generated, 96 px thumbnails.
+    assert summary["contact_sheet"] == str(out / "contact_sheet.png")
+    assert _png(out / "contact_sheet.png") == ("PNG", (10 * 100 + 4, 96 + 24 + 8 + 4), "RGB")
+    assert json.loads((out / "summary.json").read_text())["sets"] == 1
+    assert "GenerateJobConfig" in (out / "generate_config.json").read_text()
+
+
+def test_bad_inputs_are_named(tmp_path):
+    folder = _photo_folder(tmp_path / "photos", ["coffee.png"])
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    base = [f"--output_uri={tmp_path / 'out'}", "--engine=local", "--model.preset=tiny", *FAST]
+    with pytest.raises(ImageInputError, match=r"cannot read image .*broken\.jpg"):
+        generate.main([f"--inputs.images=[{folder}]", *base])
+    with pytest.raises(ImageInputError, match="no such file or folder"):
+        generate.main([f"--inputs.images=[{tmp_path / 'missing'}]", *base])
+    with pytest.raises(ImageInputError, match="matches no image file"):
+        generate.main([f"--inputs.images=[{folder}/*.webp]", *base])
+    assert not (tmp_path / "out").exists()  # nothing generated, nothing written
+
+
+def test_local_engine_on_a_mis_shard(tmp_path, model_dir):
+    test_ids = write_mis(str(tmp_path / "mis"))
+    [shard] = (tmp_path / "mis" / "mis" / "parquet").iterdir()
+    out = tmp_path / "gens"
+    summary = generate.main([f"--inputs.mis_shard={shard}", "--inputs.context_images=3",
+                             "--inputs.max_sets=3", f"--output_uri={out}", "--engine=local",
+                             f"--model_path={model_dir}", "--sets_per_batch=2",
+                             "--contact_sheet_sets=0", *FAST])
+    records = gen.read_generations(str(out))
+    assert [int(r.set_id) for r in records] == test_ids[:3] and summary["contact_sheet"] is None
+    assert all(r.meta["split"] == "test" and r.caption.startswith("set number") for r in records)
+    assert all(len(r.context) == 3 and len(r.generated) == 2 for r in records)
+    assert records[0].meta["context_seeds"] == [0, 1, 2]
+
+
+def _coco(tmp_path):
+    """An instances file over skimage photos: three categories of two images each; the person
+    set has a broken file."""
+    images = _photo_folder(tmp_path / "val2017", ["astronaut.png", "brick.png", "grass.png",
+                                                  "motorcycle_left.png", "motorcycle_right.png"])
+    (images / "broken.jpg").write_bytes(b"garbage")
+    files = ["astronaut.png", "broken.jpg", "brick.png", "grass.png", "motorcycle_left.png",
+             "motorcycle_right.png"]
+    categories = [1, 1, 7, 7, 4, 4]
+    data = {"images": [{"id": i, "file_name": f, "width": 512, "height": 512}
+                       for i, f in enumerate(files, 1)],
+            "categories": [{"id": 1, "name": "person"}, {"id": 4, "name": "motorcycle"},
+                           {"id": 7, "name": "texture"}],
+            "annotations": [{"id": i, "image_id": i, "category_id": c, "area": 1e4, "iscrowd": 0}
+                            for i, c in enumerate(categories, 1)]}
+    (tmp_path / "annotations").mkdir()
+    ann = tmp_path / "annotations" / "instances_val2017.json"
+    ann.write_text(json.dumps(data))
+    return ann
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_ray_batch_generation_of_coco_sets(ray_local, tmp_path, model_dir):
+    out = tmp_path / "coco_gens"
+    summary = generate.main([
+        f"--inputs.coco_annotations={_coco(tmp_path)}", "--inputs.context_images=2",
+        f"--output_uri={out}", f"--model_path={model_dir}", "--engine=ray", "--num_gpus=0",
+        "--min_actors=1", "--max_actors=2", "--sets_per_batch=1", *FAST])
+    assert summary["engine"] == "ray" and summary["sets"] == 2
+    [skipped] = summary["skipped"]
+    assert skipped["set_id"] == "coco-1-000" and "broken.jpg" in skipped["reason"]
+    records = gen.read_generations(str(out))
+    assert [(r.set_id, r.meta["category"]) for r in records] == [("coco-4-000", "motorcycle"),
+                                                                 ("coco-7-000", "texture")]
+    for record in records:
+        assert len(record.context) == 2 and len(record.generated) == 2
+        assert record.meta["split"] == "external" and record.meta["source"] == "coco"
+        assert _png(gen.image_uri(str(out), record.generated[1]))[1:] == ((64, 64), "RGB")
+    assert _png(out / "contact_sheet.png")[0] == "PNG"
