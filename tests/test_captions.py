@@ -175,8 +175,8 @@ def test_missing_input_and_uncommitted_output_are_clear_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server, ray_local):
-    """The module's Ray, started after the S3 server so its workers inherit the credentials."""
+def ray_cluster(ray_local):
+    """The module's Ray, quiet."""
     ray_local.data.DataContext.get_current().enable_progress_bars = False
     return ray_local
 

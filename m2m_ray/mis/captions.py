@@ -184,9 +184,11 @@ def run_captions_stage(cfg: "BuildMISConfig") -> dict[str, Any]:
 
     stats = _aggregate(shard_rows, files)
     rejected_total = sum(stats["rejected"].values())
-    assert stats["input_lines"] == stats["kept"] + rejected_total, (
-        f"{stats['input_lines']} input lines != {stats['kept']} kept + {rejected_total} rejected")
+    if stats["input_lines"] != stats["kept"] + rejected_total:  # never commit a broken account
+        raise RuntimeError(f"{stats['input_lines']} input lines != {stats['kept']} kept + "
+                           f"{rejected_total} rejected; not writing {STATS_NAME}")
     task_s = sum(r["task_s"] for r in shard_rows)
+    task_cpu_s = sum(r["task_cpu_s"] for r in shard_rows)
     tokenize_s = sum(r["tokenize_s"] for r in shard_rows)
     tokenized = sum(r["tokenized"] for r in shard_rows)
     write_s = sum(r["write_s"] for r in shard_rows)
@@ -196,12 +198,17 @@ def run_captions_stage(cfg: "BuildMISConfig") -> dict[str, Any]:
         "filter_and_write_s": round(finished - planned, 3),
         "total_s": round(total_s, 3),
         "captions_per_s": round(stats["input_lines"] / total_s, 1),
-        # Summed over workers: CPU-side cost without Ray's scheduling, shuffle and writes.
+        # Summed over workers, inside tasks (wall and CPU time): the cost of the work itself,
+        # without Ray's start-up and scheduling; a CPU time well below the wall time means the
+        # workers waited (I/O, or other jobs on the same cores).
         "filter_task_s": round(task_s, 3),
+        "filter_task_cpu_s": round(task_cpu_s, 3),
         "tokenize_task_s": round(tokenize_s, 3),
         "write_task_s": round(write_s, 3),
         "tokenized_per_task_s": round(tokenized / tokenize_s, 1) if tokenize_s else None,
         "lines_per_filter_task_s": round(stats["input_lines"] / task_s, 1) if task_s else None,
+        "lines_per_filter_cpu_s": (round(stats["input_lines"] / task_cpu_s, 1)
+                                   if task_cpu_s else None),
     }
     stats["code_version"] = _code_version()
     stats["config"] = config_to_dict(cfg)

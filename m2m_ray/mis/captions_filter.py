@@ -36,6 +36,7 @@ VERDICT_SCHEMA = pa.schema([
     ("url", pa.string()), ("num_tokens", pa.int32()), ("split", pa.string()),
     ("raw_text", pa.string()), ("detail", pa.string()), ("dedup_bucket", pa.int64()),
     ("task_s", pa.float64()),      # this row's share of its batch's read + verdict time
+    ("task_cpu_s", pa.float64()),  # the same in CPU time of the worker process (all threads)
     ("tokenize_s", pa.float64()),  # this row's share of its batch's tokenizer call
 ])
 CAPTION_COLUMNS = ("caption_id", "caption", "url", "num_tokens", "split", "source_file",
@@ -117,7 +118,7 @@ class FilterCaptions:
     def unit_verdicts(self, unit: ReadUnit) -> Iterator[pa.Table]:
         batch: list[bytes] = []
         line_number = unit.begin_line
-        started = time.perf_counter()
+        started = time.perf_counter(), time.process_time()
         for line in iter_unit_lines(unit, self.storage_cfg):
             batch.append(line)
             if len(batch) == self.cfg.batch_size:
@@ -125,12 +126,13 @@ class FilterCaptions:
                 line_number += len(batch)
                 batch = []
                 yield table
-                started = time.perf_counter()  # time spent downstream is not ours
+                started = time.perf_counter(), time.process_time()  # downstream is not ours
         if batch:
             yield self.verdicts(batch, unit.file_index, line_number, started)
 
     def verdicts(self, lines: list[bytes], file_index: int, first_line: int,
-                 started: float) -> pa.Table:
+                 started: tuple[float, float]) -> pa.Table:
+        """Verdict rows of consecutive lines; ``started``: (wall, CPU) clock when reading began."""
         n = len(lines)
         columns: dict[str, list[Any]] = {name: [None] * n for name in VERDICT_SCHEMA.names}
         reason, detail, raw_text = columns["reason"], columns["detail"], columns["raw_text"]
@@ -190,7 +192,8 @@ class FilterCaptions:
                 columns["caption"][i] = columns["url"][i] = None
                 if self.cfg.dedup:  # rejects only ride along: spread them by line
                     columns["dedup_bucket"][i] = cid % self.dedup_buckets
-        columns["task_s"] = [(time.perf_counter() - started) / n] * n
+        columns["task_s"] = [(time.perf_counter() - started[0]) / n] * n
+        columns["task_cpu_s"] = [(time.process_time() - started[1]) / n] * n
         return pa.Table.from_pydict(columns, schema=VERDICT_SCHEMA)
 
 
@@ -270,6 +273,7 @@ def _write_shard(group: pa.Table, output_uri: str, storage_cfg: "StorageConfig |
         "shard_id": sid, "file_index": file_index, "input_lines": len(group), "kept": len(kept),
         "max_line": pc.max(group["line_number"]).as_py(),
         "task_s": pc.sum(group["task_s"]).as_py(),
+        "task_cpu_s": pc.sum(group["task_cpu_s"]).as_py(),
         "tokenize_s": pc.sum(group["tokenize_s"]).as_py() or 0.0,
         "tokenized": len(group) - group["num_tokens"].null_count,
         **{reason: by_reason.get(reason, 0) for reason in REASONS},
