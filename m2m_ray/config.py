@@ -375,6 +375,11 @@ class EvalConfig(StrictModel):
     max_actors: int = Field(1, ge=1)
     read_threads: int = Field(8, ge=1, description="Threads per actor reading and decoding "
                               "images (S3 reads are latency-bound).")
+    generate: GenerateSetsConfig | None = Field(
+        None, description="Generate the sets first (pipelines/evaluate.py without "
+        "--generations): model, source (e.g. inputs.mis_uri), sampling, actors and output_uri. "
+        "K, M, the number of sets and the split are this config's context_images, "
+        "generated_images, max_sets and expected_split (m2m_ray.sampling.job.generation_for_eval).")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

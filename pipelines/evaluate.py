@@ -1,9 +1,14 @@
 """Evaluate generated image sets: per-k FID, IS, CLIP text-image and CLIP image-image (Table 1).
 
-For now this evaluates an existing generations folder (written by pipelines/generate.py, format in
-m2m_ray/eval/generations.py); the generate-then-evaluate step comes with the sampler.
+Two entries. Generate, then evaluate (paper protocol: sets of the MIS test split, K = 4 context
+images, M = 10 generated, seeded): the config's `generate` section names the model and the MIS;
+generation runs on Ray Data actors into generate.output_uri, then the evaluation reads that folder.
+Offline on the tiny preset (random models; see the YAML for how its inputs are made):
 
-Locally (starts a private Ray; tiny random extractors run offline, their numbers mean nothing):
+    python pipelines/evaluate.py --config configs/tiny/evaluate.yaml
+
+Or evaluate an existing generations folder (written by pipelines/generate.py, format in
+m2m_ray/eval/generations.py), e.g. with tiny random extractors (their numbers mean nothing):
 
     python pipelines/evaluate.py --generations=outputs/tiny/generations --extractors.kind=tiny \\
         --num_gpus=0
@@ -17,10 +22,13 @@ With the real Inception and CLIP weights (downloaded once, or local paths / s3:/
 On a cluster (RAY_ADDRESS is set for the job, which joins that cluster):
 
     ray job submit --working-dir . -- python pipelines/evaluate.py --config configs/<file>.yaml \\
-        --generations=s3://bucket/gens --output_uri=s3://bucket/gens/eval --max_actors=8
+        --generate.model_path=s3://bucket/m2m-self --generate.inputs.mis_uri=s3://bucket/mis \\
+        --generate.output_uri=s3://bucket/gens --generate.num_gpus=1 --generate.max_actors=8 \\
+        --max_sets=1000 --max_actors=8
 
-Any EvalConfig key can be overridden as --section.key=value (values are YAML). Writes report.json,
-report.md and report.png to output_uri (default <generations>/eval).
+Any EvalConfig key can be overridden as --section.key=value (values are YAML; --generate=null drops
+the section). Writes report.json, report.md and report.png to output_uri (default
+<generations>/eval).
 """
 
 from __future__ import annotations
@@ -35,19 +43,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from m2m_ray.config import EvalConfig, config_to_yaml, load_config  # noqa: E402
 from m2m_ray.eval.job import evaluate_generations  # noqa: E402
 from m2m_ray.runtime import init_ray  # noqa: E402
+from m2m_ray.sampling.job import generation_for_eval, run_generate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file of an EvalConfig (optional)")
-    parser.add_argument("--generations", required=True,
-                        help="generations folder (local path or s3://) with generations.jsonl")
+    parser.add_argument("--generations",
+                        help="generations folder (local path or s3://) with generations.jsonl; "
+                        "without it, the config's generate section makes one first")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(EvalConfig, args.config, overrides)
+    if args.generations and cfg.generate:
+        parser.error("--generations evaluates an existing folder, but the config also has a "
+                     "generate section; drop one of them (--generate=null)")
+    generate = None if args.generations else generation_for_eval(cfg)
     print(f"# resolved config ({args.config or 'defaults'} + overrides)\n{config_to_yaml(cfg)}",
           flush=True)
     print(init_ray(cfg.ray), flush=True)
-    report = evaluate_generations(cfg, args.generations)
+    if generate is not None:
+        made = run_generate(generate)
+        print(f"generated {made['sets']} sets ({made['generated_images']} images, "
+              f"{len(made['skipped'])} skipped) with {made['model']} in {made['seconds']} s: "
+              f"{made['index']}", flush=True)
+    report = evaluate_generations(cfg, args.generations or generate.output_uri)
     summary = report["summary"]
     print(report["title"])
     print(f"sets: {report['input']['sets_evaluated']} evaluated, "

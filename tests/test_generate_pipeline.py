@@ -178,3 +178,60 @@ def test_ray_batch_generation_of_coco_sets(ray_local, tmp_path, model_dir):
         assert record.meta["split"] == "external" and record.meta["source"] == "coco"
         assert _png(gen.image_uri(str(out), record.generated[1]))[1:] == ((64, 64), "RGB")
     assert _png(out / "contact_sheet.png")[0] == "PNG"
+
+
+def _eval_cfg(**overrides):
+    from m2m_ray.config import EvalConfig
+
+    return EvalConfig.model_validate({
+        "context_images": 3, "generated_images": 5, "max_sets": 7,
+        "generate": {"output_uri": "/tmp/g", "inputs": {"mis_uri": "/tmp/mis"}}} | overrides)
+
+
+def test_generation_for_eval_takes_the_protocol_from_the_evaluation():
+    from m2m_ray.config import ConfigError
+    from m2m_ray.sampling.job import generation_for_eval
+
+    job = generation_for_eval(_eval_cfg())
+    assert (job.inputs.context_images, job.sample.num_images, job.inputs.max_sets,
+            job.inputs.mis_split) == (3, 5, 7, "test")
+    agreeing = {"output_uri": "/g", "inputs": {"mis_uri": "/m", "context_images": 3}}
+    assert generation_for_eval(_eval_cfg(generate=agreeing)).inputs.context_images == 3
+    clash = {"output_uri": "/g", "inputs": {"mis_uri": "/m"}, "sample": {"num_images": 10}}
+    with pytest.raises(ConfigError, match="generate.sample.num_images = 10 but generated_images = 5"):
+        generation_for_eval(_eval_cfg(generate=clash))
+    coco = {"output_uri": "/g", "inputs": {"coco_annotations": "/c/instances_val.json"}}
+    with pytest.raises(ConfigError, match="expected_split=null"):
+        generation_for_eval(_eval_cfg(generate=coco))
+    assert generation_for_eval(_eval_cfg(generate=coco, expected_split=None)).inputs.mis_split is None
+    with pytest.raises(ConfigError, match="no generate section"):
+        generation_for_eval(_eval_cfg(generate=None))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_generate_then_evaluate_end_to_end(ray_local, tmp_path, model_dir):
+    """pipelines/evaluate.py with configs/tiny/evaluate.yaml: MIS test sets → Ray Data generation
+    → evaluation → the three report files."""
+    import evaluate  # pipelines/evaluate.py
+
+    test_ids = write_mis(str(tmp_path / "mis"))
+    gens = tmp_path / "gens"
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny", "evaluate.yaml")
+    report = evaluate.main([
+        "--config", config, f"--generate.model_path={model_dir}",
+        f"--generate.inputs.mis_uri={tmp_path / 'mis'}", f"--generate.output_uri={gens}",
+        "--context_images=2", "--generated_images=2", "--max_sets=3",
+        "--generate.sample.num_inference_steps=2", "--generate.sets_per_batch=2"])
+    records = gen.read_generations(str(gens))
+    assert [int(r.set_id) for r in records] == test_ids[:3]  # the first 3 test sets, by caption_id
+    assert all(len(r.context) == 2 and len(r.generated) == 2 for r in records)
+    assert report["input"]["sets_evaluated"] == 3 and report["input"]["split"] == {"test": 3}
+    assert [row["k"] for row in report["per_k"]] == [1, 2]
+    assert report["files"] == {ext: os.path.join(str(gens), "eval", f"report.{ext}")
+                               for ext in ("json", "md", "png")}
+    assert all(os.path.getsize(path) > 0 for path in report["files"].values())
+    markdown = open(report["files"]["md"]).read()
+    assert "| M2M-Self | " in markdown and "TINY RANDOM EXTRACTORS" in markdown
+    with pytest.raises(SystemExit):  # both entries at once is an error
+        evaluate.main(["--config", config, f"--generations={gens}"])

@@ -26,7 +26,7 @@ import itertools
 import json
 import logging
 import time
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from m2m_ray import storage as st
 from m2m_ray.config import GenerateJobConfig, config_to_dict, save_config
 from m2m_ray.data.image_inputs import expand_image_specs, fit_square, open_image
 from m2m_ray.eval import generations as gen
+
+if TYPE_CHECKING:
+    from m2m_ray.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -302,3 +305,41 @@ def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:
     st.write_bytes(st.join(cfg.output_uri, "summary.json"),
                    json.dumps(summary, indent=2).encode(), cfg.storage)
     return summary
+
+
+# --- generate, then evaluate ---------------------------------------------------------------------
+
+
+def generation_for_eval(cfg: "EvalConfig") -> GenerateJobConfig:
+    """The generation job of an evaluation (``cfg.generate``) with the evaluation's protocol: K =
+    ``context_images``, M = ``generated_images``, ``max_sets`` and ``expected_split``. Setting
+    one of those differently in the generate section is an error, not silently overridden."""
+    from m2m_ray.config import ConfigError
+
+    spec = cfg.generate
+    if spec is None:
+        raise ConfigError("no generate section: give --generations=<folder> to evaluate existing "
+                          "generations, or a generate section (model_path, inputs.mis_uri, ...)")
+    protocol = [("inputs", "context_images", "context_images", cfg.context_images),
+                ("sample", "num_images", "generated_images", cfg.generated_images),
+                ("inputs", "max_sets", "max_sets", cfg.max_sets),
+                ("inputs", "mis_split", "expected_split", cfg.expected_split)]
+    conflicts = [f"generate.{section}.{key} = {getattr(getattr(spec, section), key)!r} but "
+                 f"{eval_key} = {value!r}"
+                 for section, key, eval_key, value in protocol
+                 if key in getattr(spec, section).model_fields_set
+                 and getattr(getattr(spec, section), key) != value]
+    if conflicts:
+        raise ConfigError("the generate section disagrees with the evaluation protocol: "
+                          + "; ".join(conflicts) + ". Set these on the evaluation only (they are "
+                          "passed on to the generation)")
+    if not (spec.inputs.mis_uri or spec.inputs.mis_shard) and cfg.expected_split is not None:
+        raise ConfigError(f"generated sets of images / COCO inputs have split {EXTERNAL_SPLIT!r}, "
+                          f"so expected_split={cfg.expected_split!r} would skip them all; set "
+                          "--expected_split=null to evaluate them")
+    data = spec.model_dump(mode="json")
+    data["inputs"].update(context_images=cfg.context_images, max_sets=cfg.max_sets,
+                          mis_split=cfg.expected_split)
+    data["sample"]["num_images"] = cfg.generated_images
+    data.update(storage=cfg.storage.model_dump(mode="json"), ray=cfg.ray.model_dump(mode="json"))
+    return GenerateJobConfig.model_validate(data)
