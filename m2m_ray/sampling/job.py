@@ -172,6 +172,8 @@ class M2MSetGenerator:
     def __init__(self, cfg_dict: dict[str, Any]):
         self.cfg = GenerateJobConfig.model_validate(cfg_dict)
         self.device = pick_device(self.cfg.num_gpus)
+        if self.device.type == "cpu":  # as Ray does for its actors (OMP_NUM_THREADS = num_cpus);
+            torch.set_num_threads(max(1, int(self.cfg.num_cpus)))  # engine=local gets it too
         self.pipe = load_pipeline(self.cfg, self.device)
         self.model_label = (self.cfg.model_path
                             or f"untrained {self.pipe.name} ({self.cfg.model.preset} preset)")
@@ -248,7 +250,7 @@ def write_contact_sheet(output_uri: str, records: list[gen.GenerationSet], stora
         generated = [gen.load_image(gen.image_uri(output_uri, p), storage)
                      for p in record.generated]
         label = record.meta.get("category") or record.caption or ""
-        rows.append((f"[{record.set_id}] {label}  ({len(context)} inputs → "
+        rows.append((f"[{record.set_id}] {label}  ({len(context)} inputs -> "
                      f"{len(generated)} generated)", context + [_arrow_tile(thumb)] + generated))
     buffer = io.BytesIO()
     contact_sheet(rows, thumb).save(buffer, format="PNG")
