@@ -222,7 +222,8 @@ def test_generate_then_evaluate_end_to_end(ray_local, tmp_path, model_dir):
         "--config", config, f"--generate.model_path={model_dir}",
         f"--generate.inputs.mis_uri={tmp_path / 'mis'}", f"--generate.output_uri={gens}",
         "--context_images=2", "--generated_images=2", "--max_sets=3",
-        "--generate.sample.num_inference_steps=2", "--generate.sets_per_batch=2"])
+        "--generate.sample.num_inference_steps=2", "--generate.sets_per_batch=2",
+        "--generate.max_actors=1", "--max_actors=1"])
     records = gen.read_generations(str(gens))
     assert [int(r.set_id) for r in records] == test_ids[:3]  # the first 3 test sets, by caption_id
     assert all(len(r.context) == 2 and len(r.generated) == 2 for r in records)
