@@ -96,7 +96,7 @@ def read_outputs(output: str, storage_cfg=None):
 
 
 def check_output(output: str, rows, files: list[str], dedup: bool, tokenizer, storage_cfg=None):
-    """Every line of every file accounted for exactly once, with the right verdict, ids and bytes."""
+    """Every line of every file accounted for once, with the right verdict, ids and bytes."""
     kept, rejects = read_outputs(output, storage_cfg)
     stats = read_captions_stats(output, storage_cfg)
     verdicts = {(r["source_file"], r["line_number"]): r["reason"] for r in rejects}
@@ -211,9 +211,9 @@ def test_verdicts_ids_and_bytes_across_ranges_gzip_and_dedup(ray_cluster, tokeni
 
     out2 = str(tmp_path / "one_range_dedup")
     argv = ["--config", str(ROOT / "configs/tiny/build_mis.yaml"), f"--output_uri={out2}",
-            f"--captions.inputs=[{plain}]", "--captions.dedup=true", "--captions.range_bytes=1048576",
-            "--captions.lines_per_shard=4", "--captions.batch_size=5",
-            "--captions.test_fraction=0.3", "--captions.max_actors=2"]
+            "--stages=[captions]", f"--captions.inputs=[{plain}]", "--captions.dedup=true",
+            "--captions.range_bytes=1048576", "--captions.lines_per_shard=4",
+            "--captions.batch_size=5", "--captions.test_fraction=0.3", "--captions.max_actors=2"]
     main(argv)
     kept2, rejects2, _ = check_output(out2, rows, [str(plain)], dedup=True, tokenizer=tokenizer)
     duplicate_lines = {n for n, (_, _, reason) in enumerate(rows, 1) if reason == "duplicate"}

@@ -83,7 +83,7 @@ def _plan_units(cfg: "BuildMISConfig", files: list[str]) -> list[ReadUnit]:
     to_count = ranges_needing_count(ranges)
     counts: dict[tuple[int, int], int] = {}
     if to_count:
-        # Counting newlines is I/O-bound and fast: a few ranges per task keeps per-task overhead low.
+        # Counting newlines is I/O-bound and fast: a few ranges per task keep overheads low.
         counted = _units_dataset(to_count, 2 * _cluster_cpus()).map_batches(
             count_lines, batch_size=None, batch_format="pyarrow",
             fn_kwargs={"storage_cfg": cfg.storage}, num_cpus=cfg.captions.num_cpus,

@@ -171,7 +171,8 @@ class FilterCaptions:
             columns["tokenize_s"][i] = tokenize_s / len(candidates)
             if count > self.cfg.max_tokens:
                 reason[i] = "too_long"
-                detail[i] = f"{count} CLIP tokens (BOS/EOS included) > max_tokens={self.cfg.max_tokens}"
+                detail[i] = (f"{count} CLIP tokens (BOS/EOS included) > "
+                             f"max_tokens={self.cfg.max_tokens}")
 
         for i in range(n):
             line_number = first_line + i

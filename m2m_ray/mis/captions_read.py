@@ -6,12 +6,12 @@ a newline counts, nothing after the last newline is a line, and line numbers sta
 Work units, planned on the driver in two steps so that line numbers are exact for any range size and
 any parallelism:
 
-1. an uncompressed file is cut into byte ranges ``[start, end)`` of ``range_bytes``; a range owns the
-   lines that START inside it. ``count_range_lines`` counts them (a cheap parallel pass over every
-   range but each file's last) and prefix sums give each range its first line number;
-2. a range's work unit is the caption shards (``lines_per_shard`` consecutive lines) whose FIRST line
-   the range owns: it reads from the range's start and goes on past its end until the last of those
-   shards is complete. Every shard is thus read, filtered and written by exactly one task.
+1. an uncompressed file is cut into byte ranges ``[start, end)`` of ``range_bytes``; a range owns
+   the lines that START inside it. ``count_range_lines`` counts them (a cheap parallel pass over
+   every range but each file's last) and prefix sums give each range its first line number;
+2. a range's work unit is the caption shards (``lines_per_shard`` consecutive lines) whose FIRST
+   line the range owns: it reads from the range's start and goes on past its end until the last
+   of those shards is complete. Every shard is thus read, filtered and written by exactly one task.
 
 A ``.gz`` file cannot be entered in the middle: it is one unit, starting at line 1.
 """
@@ -40,7 +40,7 @@ class ReadUnit:
     file_index: int       # position of the file in the sorted input list
     uri: str
     range_index: int      # position of the range within its file
-    start: int            # byte where reading starts (the range owns lines starting in [start, end))
+    start: int            # byte where reading starts; the range owns lines starting in [start, end)
     end: int
     size: int             # bytes of the file as stored
     compressed: bool
