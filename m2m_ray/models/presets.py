@@ -18,11 +18,11 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
 from m2m_ray.models.clip_tokenizer import clip_tokenizer
 
 if TYPE_CHECKING:
+    import torch
+
     from m2m_ray.config import ModelConfig
 
 SD21_BASE_ID = "stabilityai/stable-diffusion-2-1-base"
@@ -146,15 +146,19 @@ def _from_hub(load: Callable[..., Any], model_id: str, what: str, **kwargs: Any)
         ) from err
 
 
-def _seeded(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
+def _seeded(build: Callable[[], "torch.nn.Module"], seed: int) -> "torch.nn.Module":
     """Build a module with random weights that depend on ``seed`` only."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
 
 
-def _finish(module: torch.nn.Module, device: torch.device | str | None,
-            dtype: torch.dtype | None) -> torch.nn.Module:
+def _finish(module: "torch.nn.Module", device: "torch.device | str | None",
+            dtype: "torch.dtype | None") -> "torch.nn.Module":
+    import torch
+
     current = next(module.parameters())
     if dtype is not None and dtype != current.dtype:
         module = module.to(dtype=dtype)
