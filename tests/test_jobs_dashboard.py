@@ -65,3 +65,28 @@ def test_build_mis_job_submitted_with_cli_and_listed_by_dashboard(ray_head, tmp_
     with pytest.raises(urllib.error.HTTPError) as wrong:
         _rest(ray_head, "/api/jobs/", {"Authorization": "Bearer " + "0" * 32})
     assert wrong.value.code == 403
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(360)
+def test_train_job_submitted_with_cli_writes_a_checkpoint(ray_head, tmp_path):
+    from m2m_ray.data.synthetic_mis import write_synthetic_mis
+
+    mis = tmp_path / "mis"
+    write_synthetic_mis(str(mis), num_shards=2, sets_per_shard=2, formats=("parquet",))
+    submission_id = f"train-tiny-{uuid.uuid4().hex[:8]}"
+    submitted = _ray_cli(
+        ray_head, "job", "submit", "--submission-id", submission_id, "--working-dir", ".", "--",
+        "python", "pipelines/train.py", "--config", "configs/tiny/train.yaml",
+        f"--data.uri={mis}", f"--storage_path={tmp_path / 'runs'}",
+        f"--export_uri={tmp_path / 'model'}", "--run_name=job", "--max_steps=2",
+        "--checkpoint.every_steps=2", "--log_every_steps=2", "--samples.steps=2", timeout_s=300)
+    log = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0 and f"Job '{submission_id}' succeeded" in log, log[-5000:]
+    assert "# summary" in log and '"step": 2' in log, log[-5000:]
+    checkpoint = tmp_path / "runs" / "job" / "checkpoint_00000002"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["world_size"] == 2
+    assert (checkpoint / "ema_unet" / "diffusion_pytorch_model.safetensors").is_file()
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["_class_name"] == "M2MPipeline" and index["variant"] == "self"

@@ -1,0 +1,335 @@
+"""MIS shards → training samples on Ray Data: one deterministic stream per Ray Train worker.
+
+**Work items.** A run reads a sequence of items; item ``g`` is shard ``perm_e[g % S]`` of epoch
+``e = g // S``, where ``perm_e`` is a permutation of the S committed shards seeded by ``(seed, e)``.
+Worker ``r`` of ``W`` reads the items ``g ≡ r (mod W)`` in order (``SetStream``): a shard is the
+unit of reading, each worker reads its own shards (no cross-worker exchange of samples), and every
+worker's stream is a pure function of (config, rank, world size).
+
+**One read task per item** (``read_item``) streams the shard, keeps the sets of ``data.split``,
+draws for each set a random ordered subset of N of its images from ``(seed, epoch, caption_id)``
+(``subset_indices``: a new subset every epoch, the same one on every rerun), and decodes only those:
+
+- ``latents`` float16 ``[N, 4, h, w]``: the shard's stored SD latents (no image decoded at all for
+  M2M-Self; Parquet reads no image bytes then), or, when the dataset has none, ``pixels`` uint8
+  ``[N, 3, R, R]`` which ``VaeEncoder`` actors (GPU) turn into ``latents`` (posterior mean × the
+  VAE's scaling factor, so encoding is deterministic);
+- ``dino_pixels`` uint8 ``[N, 3, Rd, Rd]`` for M2M-DINO (the training worker runs the frozen DINOv2:
+  see ``m2m_ray.models.context.DinoEncoder`` for why features are not shipped);
+- ``caption_id``, ``epoch``, ``item``, ``row`` (the set's index among the rows its item emitted) and
+  ``indices`` ``[N]`` (which of the 25 images, in order).
+
+Images are resized (shorter side) and centre-cropped to the preset's resolution. ``(item, row)``
+is a row's position in its worker's stream, so a checkpoint can store where each worker stands and
+a resumed run starts exactly there (``SetStream.start``), skipping already-seen sets of a partly
+read shard before decoding them.
+
+**Bad data.** A corrupt image, a set without stored latents in a dataset that has them, or an
+unreadable/truncated shard raises ``CorruptShardError`` naming the shard (``on_bad_data: error``),
+or is skipped and counted through ``report_bad`` (``on_bad_data: skip``): never silent.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from m2m_ray import storage
+from m2m_ray.config import ModelConfig, StorageConfig, TrainConfig
+from m2m_ray.data.mis import CorruptShardError, iter_webdataset_shard
+from m2m_ray.mis.shards import npy_to_latents
+
+log = logging.getLogger(__name__)
+
+# Reports one skipped set or shard: (kind "set" | "shard", shard URI, reason).
+BadDataReporter = Callable[[str, str, str], None]
+
+
+def subset_indices(seed: int, epoch: int, caption_id: int, count: int, total: int) -> np.ndarray:
+    """A random ordered subset of ``count`` of ``range(total)``, a pure function of its inputs."""
+    if not 1 <= count <= total:
+        raise ValueError(f"cannot draw {count} of a set's {total} images; set "
+                         f"data.images_per_set between 1 and {total}")
+    rng = np.random.default_rng([seed, epoch, caption_id & (2**63 - 1)])
+    return rng.permutation(total)[:count]
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a worker's stream stands: the next row to read is row ``row`` of item ``item``."""
+
+    item: int
+    row: int = 0
+
+
+@dataclass(frozen=True)
+class SetStream:
+    """Everything a read task needs (picklable): the shards, the rank's items, the sample shape."""
+
+    shards: tuple[str, ...]
+    rank: int
+    world_size: int
+    start: StreamPosition
+    num_items: int
+    seed: int
+    split: str | None
+    images_per_set: int
+    resolution: int
+    dino_resolution: int | None         # None: no DINO inputs (self variant)
+    use_stored_latents: bool
+    on_bad_data: str
+    sets_per_block: int
+    storage_cfg: StorageConfig | None = None
+
+    def item_at(self, index: int) -> int:
+        """Global item id of the ``index``-th item of this rank's stream."""
+        return self.start.item + index * self.world_size
+
+    def shard_of(self, item: int) -> tuple[int, str]:
+        """``(epoch, shard URI)`` of a global item id."""
+        epoch, slot = divmod(item, len(self.shards))
+        order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.shards))
+        return epoch, self.shards[order[slot]]
+
+
+def plan_stream(cfg: TrainConfig, shards: tuple[str, ...], mean_sets: float, stored_latents: bool,
+                rank: int, world_size: int, start: StreamPosition | None,
+                first_step: int) -> SetStream:
+    """The stream of worker ``rank`` from ``start`` (None: its first item) to ``cfg.max_steps``;
+    ``mean_sets``: mean sets per shard (all splits); ``stored_latents``: ``use_stored_latents``."""
+    from m2m_ray.models.presets import get_preset  # imports torch: not in every read task
+
+    data = cfg.data
+    sets_needed = (cfg.max_steps - first_step) * cfg.global_batch_size // world_size
+    # Items are cheap rows and a read task runs only when its sets are needed, so plan generously
+    # (2x, for test-split sets and short shards); a stream that still runs dry is a clear error.
+    num_items = 2 * math.ceil(sets_needed / max(mean_sets, 1.0)) + 2
+    preset = get_preset(cfg.model)
+    return SetStream(
+        shards=shards, rank=rank, world_size=world_size,
+        start=start or StreamPosition(item=rank), num_items=num_items, seed=cfg.seed,
+        split=data.split, images_per_set=data.images_per_set, resolution=preset.resolution,
+        dino_resolution=preset.dino_resolution if cfg.m2m.variant == "dino" else None,
+        use_stored_latents=stored_latents, on_bad_data=data.on_bad_data,
+        sets_per_block=data.sets_per_block, storage_cfg=cfg.storage)
+
+
+def use_stored_latents(cfg: TrainConfig, shards: tuple[str, ...]) -> bool:
+    """Whether the dataset's stored latents are used, decided once per dataset from its first
+    readable set (``build_mis`` refuses to mix keep_latents settings in one dataset)."""
+    from m2m_ray.models.presets import get_preset
+
+    mode = cfg.data.latents
+    if mode == "encode":
+        return False
+    first, where = None, shards[0]
+    for where in shards:
+        try:
+            first = next(_iter_sets(where, cfg.storage, want_images=False), None)
+        except CorruptShardError:
+            if cfg.data.on_bad_data == "error":
+                raise
+        if first is not None:
+            break
+    size = get_preset(cfg.model).resolution // 8
+    latents = None if first is None else first["latents"]
+    usable = latents is not None and tuple(latents.shape[-2:]) == (size, size)
+    if mode == "stored" and not usable:
+        found = "none" if latents is None else f"shape {tuple(latents.shape)}"
+        raise ValueError(f"data.latents=stored but shard {where} has {found}; expected "
+                         f"[25, 4, {size}, {size}] for the {cfg.model.preset} preset. Use "
+                         "data.latents=auto or encode to encode images with the VAE")
+    return usable
+
+
+def build_stream_dataset(stream: SetStream, cfg: TrainConfig,
+                         report_bad: BadDataReporter | None):
+    """The Ray Dataset of one worker's stream (see the module docstring)."""
+    import ray
+
+    data = cfg.data
+    ds = ray.data.range(stream.num_items, override_num_blocks=stream.num_items)
+    ds = ds.map_batches(read_item, batch_size=1, num_cpus=data.read_num_cpus,
+                        fn_kwargs={"stream": stream, "report_bad": report_bad})
+    if not stream.use_stored_latents:
+        ds = ds.map_batches(
+            VaeEncoder, fn_constructor_kwargs={"model": cfg.model.model_dump(),
+                                               "use_gpu": data.vae_num_gpus > 0},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.vae_max_actors),
+            num_gpus=data.vae_num_gpus, num_cpus=data.vae_num_cpus, batch_size=data.vae_batch_size)
+    return ds
+
+
+# --- reading one item ----------------------------------------------------------------------------
+
+
+def read_item(batch: dict[str, np.ndarray], stream: SetStream,
+              report_bad: BadDataReporter | None) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data generator UDF: one item (``batch["id"]``, an index into the rank's items) → its
+    sets. ``row`` numbers the item's sets of ``split`` (a skipped bad set keeps its number)."""
+    (index,) = batch["id"].tolist()
+    item = stream.item_at(int(index))
+    epoch, uri = stream.shard_of(item)
+    skip = stream.start.row if item == stream.start.item else 0
+    rows: list[dict[str, Any]] = []
+    row_number = -1
+    try:
+        for sample in _iter_sets(uri, stream.storage_cfg, want_images=_wants_images(stream)):
+            if stream.split is not None and sample["split"] != stream.split:
+                continue
+            row_number += 1
+            if row_number < skip:  # read before the checkpoint this run resumed from
+                continue
+            try:
+                rows.append({"item": item, "row": row_number,
+                             **_sample_row(sample, stream, epoch, uri)})
+            except CorruptShardError as err:
+                _bad(stream, report_bad, "set", uri, err)
+            if len(rows) == stream.sets_per_block:
+                yield _stack(rows)
+                rows = []
+    except CorruptShardError as err:  # unreadable or truncated shard: its remaining sets are lost
+        _bad(stream, report_bad, "shard", uri, err)
+    if rows:
+        yield _stack(rows)
+
+
+def _wants_images(stream: SetStream) -> bool:
+    return stream.dino_resolution is not None or not stream.use_stored_latents
+
+
+def _bad(stream: SetStream, report_bad: BadDataReporter | None, kind: str, uri: str,
+         err: CorruptShardError) -> None:
+    if stream.on_bad_data == "error":
+        raise CorruptShardError(f"{err} (data.on_bad_data=skip skips and counts such data)") \
+            from err
+    log.warning("skipping bad %s in %s: %s", kind, uri, err)
+    if report_bad is not None:
+        report_bad(kind, uri, str(err))
+
+
+def _sample_row(sample: dict[str, Any], stream: SetStream, epoch: int, uri: str) -> dict:
+    cid = int(sample["caption_id"])
+    latents, images = sample["latents"], sample.get("images")
+    total = len(images) if images is not None else latents.shape[0]
+    indices = subset_indices(stream.seed, epoch, cid, stream.images_per_set, total)
+    row: dict[str, Any] = {"caption_id": cid, "epoch": epoch, "indices": indices}
+    if stream.use_stored_latents:
+        if latents is None:
+            raise CorruptShardError(f"shard {uri}: set {cid} has no stored latents, unlike the "
+                                    "dataset's first set; rebuild the shard or use data.latents="
+                                    "encode")
+        row["latents"] = latents[indices].astype(np.float16)  # (N, 4, h, w)
+    if _wants_images(stream):
+        decoded = [_decode(images[i], uri, cid, int(i)) for i in indices]
+        if not stream.use_stored_latents:
+            row["pixels"] = np.stack([_square(im, stream.resolution) for im in decoded])
+        if stream.dino_resolution is not None:
+            row["dino_pixels"] = np.stack([_square(im, stream.dino_resolution) for im in decoded])
+    return row
+
+
+def _stack(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {key: np.stack([np.asarray(r[key]) for r in rows]) for key in rows[0]}
+
+
+def _decode(data: bytes, uri: str, cid: int, index: int) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except Exception as err:  # PIL raises many types for a broken file
+        raise CorruptShardError(f"shard {uri}: set {cid} image {index} ({len(data)} bytes) cannot "
+                                f"be decoded: {type(err).__name__}: {err}") from err
+
+
+def _square(image: Image.Image, size: int) -> np.ndarray:
+    """Shorter side → ``size``, centre crop → uint8 ``[3, size, size]``."""
+    width, height = image.size
+    if (width, height) != (size, size):
+        scale = size / min(width, height)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # (3, size, size)
+
+
+# --- shard readers: one dict per set {caption_id, split, latents, images?} -----------------------
+
+
+def _iter_sets(uri: str, storage_cfg, want_images: bool) -> Iterator[dict[str, Any]]:
+    if uri.endswith(".parquet"):
+        yield from _iter_parquet_sets(uri, storage_cfg, want_images)
+    else:
+        for sample in iter_webdataset_shard(uri, storage_cfg):
+            yield {"caption_id": sample["caption_id"], "split": sample["split"],
+                   "latents": sample["latents"], "images": sample["images"]}
+
+
+def _iter_parquet_sets(uri: str, storage_cfg, want_images: bool) -> Iterator[dict[str, Any]]:
+    """Row group by row group, reading the images column only where needed: always with
+    ``want_images``, else only for row groups with sets that lack latents (column statistics)."""
+    fs, path = storage.pyarrow_filesystem(uri, storage_cfg)
+    try:
+        shard = pq.ParquetFile(fs.open_input_file(path))
+        latents_col = shard.schema_arrow.names.index("latents")
+    except Exception as err:
+        raise CorruptShardError(f"cannot read Parquet shard {uri}: {type(err).__name__}: {err}") \
+            from err
+    for group in range(shard.num_row_groups):
+        stats = shard.metadata.row_group(group).column(latents_col).statistics
+        missing_latents = stats is None or not stats.has_null_count or stats.null_count > 0
+        columns = ["caption_id", "split", "latents"]
+        if want_images or missing_latents:
+            columns.append("images")
+        try:
+            rows = shard.read_row_group(group, columns=columns).to_pylist()
+        except Exception as err:
+            raise CorruptShardError(f"cannot read row group {group} of Parquet shard {uri}: "
+                                    f"{type(err).__name__}: {err}") from err
+        for row in rows:
+            row["latents"] = None if row["latents"] is None else npy_to_latents(row["latents"])
+            yield row
+
+
+# --- VAE encoding stage --------------------------------------------------------------------------
+
+
+class VaeEncoder:
+    """Ray Data actor: ``pixels`` uint8 ``[B, N, 3, R, R]`` → ``latents`` float16 ``[B, N, 4, R/8,
+    R/8]`` (posterior mean × scaling factor, the space SD's UNet denoises in)."""
+
+    def __init__(self, model: dict, use_gpu: bool):
+        import torch
+
+        from m2m_ray.models.presets import load_vae
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.vae = load_vae(ModelConfig.model_validate(model), self.device, dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        pixels = torch.from_numpy(batch.pop("pixels"))  # (B, N, 3, R, R) uint8
+        flat = pixels.flatten(0, 1).to(self.device, self.vae.dtype) / 127.5 - 1  # (B*N, 3, R, R)
+        with torch.inference_mode():
+            latents = self.vae.encode(flat).latent_dist.mean * self.vae.config.scaling_factor
+        latents = latents.float().cpu().unflatten(0, pixels.shape[:2])  # (B, N, 4, h, w)
+        batch["latents"] = latents.numpy().astype(np.float16)
+        return batch
+
+
+def describe_stream(stream: SetStream) -> str:
+    return json.dumps({"rank": stream.rank, "world_size": stream.world_size,
+                       "start": [stream.start.item, stream.start.row], "items": stream.num_items,
+                       "shards": len(stream.shards), "stored_latents": stream.use_stored_latents})
