@@ -4,14 +4,14 @@
     python benchmarks/generation.py --preset tiny --captions 8 --steps 20
     # GPU, full SD-2.1-base shapes with random weights (no Ray, no download)
     python benchmarks/generation.py --preset sd21-base-shapes --device cuda --dtype float16 \
-        --captions 6 --steps 50 --captions-per-batch 2
+        --captions 4 --steps 30 --variants cl-vae8-c2 nocl-vae8-c2 nocl-vae25-c1
 
 Baseline ("naive"): ``StableDiffusionPipeline(...)(caption, num_images_per_prompt=25)`` once per
 caption, PIL images out, each saved as JPEG in the same thread — what a user writes first.
 Ours: ``SDSetGenerator`` (captions encoded once, ``captions_per_batch`` captions × 25 images × 2
 guidance branches in one UNet batch, noise from per-image seeds, VAE decode in chunks) with JPEG
 encoding on a thread pool overlapped with the next batch's denoising (``encoded_sets``). Same
-captions, steps, scheduler (Euler), guidance 7.5 and size. One warm-up caption each, not timed.
+captions, steps, scheduler (Euler), guidance 7.5 and size. One warm-up batch each, not timed.
 """
 
 from __future__ import annotations
@@ -75,32 +75,44 @@ def bench_naive(args, captions: list[str]) -> dict:
             "peak_gpu_gib": peak}
 
 
-def bench_ours(args, captions: list[str]) -> dict:
+def bench_ours(args, captions: list[str]) -> dict[str, dict]:
+    """One generator, timed once per variant ``<cl|nocl>-vae<N>-c<C>`` (UNet memory format,
+    latents per VAE decode call, captions per UNet batch), so the variants share one model build."""
     device = torch.device(args.device)
     size = presets.PRESETS[args.preset].resolution if args.size is None else args.size
     cfg = GenerateConfig(images_per_caption=args.images_per_caption, num_inference_steps=args.steps,
                          height=size, width=size, dtype=args.dtype,
                          num_gpus=1 if device.type == "cuda" else 0,
-                         captions_per_batch=args.captions_per_batch, image_format="jpeg",
+                         image_format="jpeg",
                          vae_batch_size=args.vae_batch_size, encode_threads=args.encode_threads)
     generator = SDSetGenerator(ModelConfig(preset=args.preset), cfg)
     image_pool = cf.ThreadPoolExecutor(cfg.encode_threads)
     batch_pool = cf.ThreadPoolExecutor(1)
     rows = [{"caption_id": i + 1, "caption": c, "split": "train", "url": "", "shard_id": 0}
             for i, c in enumerate(captions)]
-    list(encoded_sets(generator, rows[:cfg.captions_per_batch], image_pool, batch_pool, {}))
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    images = sum(len(r.images) for batch in encoded_sets(generator, rows, image_pool, batch_pool,
-                                                          timings) for r in batch)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
-            "generate_seconds": timings["generate_seconds"], "peak_gpu_gib": peak}
+    results = {}
+    for variant in args.variants:
+        layout, vae, per_batch = variant.split("-")
+        generator.pipe.unet.to(memory_format=torch.channels_last if layout == "cl"
+                               else torch.contiguous_format)
+        generator.cfg.vae_batch_size = int(vae.removeprefix("vae"))
+        generator.cfg.captions_per_batch = int(per_batch.removeprefix("c"))
+        list(encoded_sets(generator, rows[:generator.cfg.captions_per_batch], image_pool,
+                          batch_pool, {}))
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        images = sum(len(r.images) for batch in encoded_sets(generator, rows, image_pool,
+                                                              batch_pool, timings) for r in batch)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        results[variant] = {"images": images, "seconds": seconds, "images_per_s": images / seconds,
+                            "generate_seconds": timings["generate_seconds"], "peak_gpu_gib": peak}
+        print(f"ours[{variant}]: {images / seconds:.2f} images/s", flush=True)
+    return results
 
 
 def main() -> None:
@@ -111,10 +123,12 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--images-per-caption", type=int, default=25)
-    parser.add_argument("--captions-per-batch", type=int, default=2)
     parser.add_argument("--vae-batch-size", type=int, default=8)
     parser.add_argument("--encode-threads", type=int, default=4)
     parser.add_argument("--size", type=int, default=None, help="pixels; default: the preset's")
+    parser.add_argument("--variants", nargs="+", default=["cl-vae8-c2"],
+                        help="ours, each timed: <cl|nocl>-vae<latents per VAE call>-c<captions "
+                        "per UNet batch>")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(args.captions)]
@@ -124,11 +138,12 @@ def main() -> None:
         "machine": platform.node(), "device": args.device,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "torch": torch.__version__, "args": vars(args), "naive": naive, "ours": ours,
-        "speedup": ours["images_per_s"] / naive["images_per_s"],
+        "ratio": {v: r["images_per_s"] / naive["images_per_s"] for v, r in ours.items()},
     }
     print(json.dumps(result, indent=2))
-    print(f"naive {naive['images_per_s']:.2f} images/s | ours {ours['images_per_s']:.2f} images/s "
-          f"| ratio {result['speedup']:.2f}x")
+    for variant, ratio in result["ratio"].items():
+        print(f"naive {naive['images_per_s']:.2f} images/s | ours[{variant}] "
+              f"{ours[variant]['images_per_s']:.2f} images/s | ratio {ratio:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

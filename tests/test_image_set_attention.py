@@ -8,6 +8,7 @@ from m2m_ray.models.image_set_attention import (
     ImageSetAttnProcessor,
     SelfAttnProcessor,
     image_set_attention,
+    kept_rows,
     visible_context,
 )
 from m2m_ray.models.m2m_unet import M2MUNet
@@ -53,7 +54,8 @@ def test_core_equals_per_target_softmax(num_targets, num_context, offset):
     value = torch.randn(batch, num_context, key_len, inner, generator=gen)
     null_key, null_value = torch.randn(inner, generator=gen), torch.randn(inner, generator=gen)
     drop = torch.tensor([False, True, False])
-    got = image_set_attention(query, key, value, null_key, null_value, heads, offset, drop)
+    got = image_set_attention(query, key, value, null_key, null_value, heads, offset,
+                              kept_rows(drop, query.device))
     want = _reference(query, key, value, null_key, null_value, heads, offset, drop)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     # A dropped sample gets exactly what an empty context gives: the null value.

@@ -78,7 +78,7 @@ class SDSetGenerator:
         self.dtype = _DTYPES[self.cfg.dtype] if self.device.type == "cuda" else torch.float32
         self.pipe = presets.load_sd_pipeline(self.model, self.cfg.scheduler, self.device,
                                              self.dtype)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.cfg.channels_last:
             self.pipe.unet.to(memory_format=torch.channels_last)
         self.latent_shape = (self.pipe.unet.config.in_channels, self.cfg.height // 8,
                              self.cfg.width // 8)

@@ -69,22 +69,22 @@ def _target_groups(num_targets: int, num_context: int,
 
 def image_set_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         null_key: torch.Tensor, null_value: torch.Tensor, heads: int, offset: int,
-                        context_drop: torch.Tensor | None = None) -> torch.Tensor:
+                        context_kept: torch.Tensor | None = None) -> torch.Tensor:
     """Causal multi-head attention of M targets over K context images plus a null token.
 
     query ``(B, M, Lq, inner)``, key/value ``(B, K, Lk, inner)``, null_key/null_value ``(inner,)``,
-    context_drop ``(B,)`` bool or None → ``(B, M, Lq, inner)``.
+    context_kept ``(B',)`` int64 indices of the samples that see their context (None: all;
+    ``kept_rows`` makes it from a ``context_drop`` mask) → ``(B, M, Lq, inner)``.
     """
-    if context_drop is not None:
-        kept = (~context_drop).nonzero().flatten()  # (B',): one host sync per call
-        if kept.numel() < context_drop.numel():
-            # A dropped sample attends to the null token alone, whose output is its value: attend
-            # for the kept samples only (a guidance batch's unconditional half costs no attention).
-            out = null_value.to(query.dtype).expand(query.shape).clone()  # (B, M, Lq, inner)
-            if kept.numel():
-                out[kept] = image_set_attention(query[kept], key[kept], value[kept], null_key,
-                                                null_value, heads, offset)
-            return out
+    if context_kept is not None:
+        # A dropped sample attends to the null token alone, whose output is its value: attend for
+        # the kept samples only (a guidance batch's unconditional half costs no attention).
+        out = null_value.to(query.dtype).expand(query.shape).clone()  # (B, M, Lq, inner)
+        if context_kept.numel():
+            out[context_kept] = image_set_attention(query[context_kept], key[context_kept],
+                                                    value[context_kept], null_key, null_value,
+                                                    heads, offset)
+        return out
     batch, num_targets, query_len, inner = query.shape
     num_context, key_len = key.shape[1], key.shape[2]
     head_dim = inner // heads
@@ -113,7 +113,8 @@ class ImageSetCall:
     num_targets: int                              # M (0 in capture mode)
     num_context: int                              # K
     offset: int = 0
-    context_drop: torch.Tensor | None = None      # (B,) bool: attend to the null token only
+    context_kept: torch.Tensor | None = None      # (B',) indices of samples that see context;
+                                                  # None: all (``kept_rows`` of context_drop)
     task_drop: torch.Tensor | None = None         # (B,) bool: ignore the task conditions
     target_task: torch.Tensor | None = None       # (B, M, E) task embeddings of the targets
     context_task: torch.Tensor | None = None      # (B, K, E) self/capture: of the context images
@@ -121,6 +122,18 @@ class ImageSetCall:
     dino_task: torch.Tensor | None = None         # (B, K, D) dino mode: projected context task
     cache: ContextCache | None = None             # cached mode
     captured: dict[int, SiteContext] | None = None  # capture mode: filled per site
+
+
+def kept_rows(context_drop: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Indices of the samples whose context is not dropped, on ``device``; None when none is
+    dropped. Computed once per UNet call (not per site); from a mask that lives on the CPU — as the
+    sampler's guidance masks do — without any device synchronisation."""
+    if context_drop is None:
+        return None
+    kept = (~context_drop).nonzero().flatten()  # a host sync only if the mask is on a device
+    if kept.numel() == context_drop.numel():
+        return None
+    return kept.to(device, non_blocking=True)
 
 
 def _unless_dropped(term: torch.Tensor, task_drop: torch.Tensor | None) -> torch.Tensor:
@@ -165,7 +178,7 @@ class ImageSetAttnProcessor(nn.Module):
             key = key + _unless_dropped(site.key_task, call.task_drop)[:, :, None]
             value = value + _unless_dropped(site.value_task, call.task_drop)[:, :, None]
         out = image_set_attention(query, key, value, self.null_key, self.null_value, attn.heads,
-                                  call.offset, call.context_drop)  # (B, M, Lq, inner)
+                                  call.offset, call.context_kept)  # (B, M, Lq, inner)
         out = attn.to_out[0](out.flatten(0, 1))  # (B*M, Lq, C)
         return attn.to_out[1](out)
 

@@ -64,7 +64,8 @@ from torch import nn
 from m2m_ray.config import M2MConfig, ModelConfig
 from m2m_ray.models.context import ContextCache, SiteContext
 from m2m_ray.models.embedders import TaskConditions, TaskEmbedder
-from m2m_ray.models.image_set_attention import ImageSetCall, install_image_set_attention
+from m2m_ray.models.image_set_attention import (ImageSetCall, install_image_set_attention,
+                                                kept_rows)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -242,8 +243,10 @@ class M2MUNet(nn.Module):
             if mask is not None and (mask.dtype != torch.bool or mask.shape != (batch,)):
                 raise ValueError(f"{name} {mask.dtype} {tuple(mask.shape)}: expected a bool "
                                  f"tensor of shape [{batch}]")
+        device = targets.device
         common = dict(batch_size=batch, num_targets=num_targets, offset=offset,
-                      context_drop=context_drop, task_drop=task_drop,
+                      context_kept=kept_rows(context_drop, device),
+                      task_drop=None if task_drop is None else task_drop.to(device, non_blocking=True),
                       target_task=self._embed(target_task, batch, num_targets, "target_task"))
         sample, steps = targets.flatten(0, 1), timesteps.flatten()  # (B*M, C, h, w), (B*M,)
         if cache is not None:

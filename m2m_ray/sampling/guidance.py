@@ -49,8 +49,7 @@ def guidance_branches(image_scale: float, task_scale: float | None = None) -> li
     return kept
 
 
-def branch_masks(branches: list[Branch], batch: int, device: torch.device | str,
-                 with_task: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def branch_masks(branches: list[Branch], batch: int, with_task: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(context_drop, task_drop)`` bool masks ``[len(branches) * batch]`` for sets tiled once
     per branch (``torch.cat([x] * len(branches))``); None where no copy drops anything, and
     ``task_drop`` None without task conditions."""
@@ -58,7 +57,9 @@ def branch_masks(branches: list[Branch], batch: int, device: torch.device | str,
     def mask(flags: list[bool]) -> torch.Tensor | None:
         if not any(flags):
             return None
-        return torch.tensor(flags, device=device).repeat_interleave(batch)  # (nb*B,)
+        # On the CPU: the model turns the masks into row indices once per call without a device
+        # synchronisation (a device mask would stall the GPU queue at every denoising step).
+        return torch.tensor(flags).repeat_interleave(batch)  # (nb*B,)
 
     context_drop = mask([b.context_drop for b in branches])
     task_drop = mask([b.task_drop for b in branches]) if with_task else None

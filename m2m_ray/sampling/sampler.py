@@ -126,7 +126,7 @@ class GuidedDenoiser:
         self.dtype = model.dtype  # a property that walks the modules: read it once per image
         self.offset = state.num_images  # the new image sees all of the context
         times = len(branches)
-        self.context_drop, self.task_drop = branch_masks(branches, batch, model.device,
+        self.context_drop, self.task_drop = branch_masks(branches, batch,
                                                          target_task is not None)
         self.context = state.branch_kwargs(times)
         self.task = None if target_task is None else target_task.repeat(times)  # (nb*B, 1)
