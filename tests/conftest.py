@@ -16,6 +16,9 @@ import urllib.request
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ray_head.py and friends
+# The `ray` CLI and friends of this interpreter's environment, also when pytest runs as
+# `.venv/bin/python -m pytest` without an activated venv.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 from ray_head import free_port, start_head  # noqa: E402
 
