@@ -138,6 +138,28 @@ class CaptionsConfig(StrictModel):
     )
 
 
+class ActorPoolConfig(StrictModel):
+    """Resources and bounds of a Ray Data actor pool (``m2m_ray.runtime.actor_pool_args``)."""
+
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per actor (0: CPU actors).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per actor, e.g. {gen_gpu: 1} to land on the "
+        "generation node type of cluster/*.yaml rather than on a training node.",
+    )
+    min_actors: int = Field(1, ge=1, description="Actors the pool starts with.")
+    max_actors: int = Field(1, ge=1, description="Upper bound of the actor pool; an autoscaling "
+                            "cluster grows towards it.")
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "ActorPoolConfig":
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors}); "
+                             "set max_actors >= min_actors")
+        return self
+
+
 class FaultInjectionConfig(StrictModel):
     """For tests of fault tolerance only; off by default."""
 
@@ -147,7 +169,7 @@ class FaultInjectionConfig(StrictModel):
     )
 
 
-class GenerateConfig(StrictModel):
+class GenerateConfig(ActorPoolConfig):
     images_per_caption: int = Field(25, ge=1, description="Images per set (paper: 25).")
     base_seed: int = Field(0, description="Base seed mixed into every per-image noise seed.")
     num_inference_steps: int = Field(50, ge=1)
@@ -169,16 +191,6 @@ class GenerateConfig(StrictModel):
     image_format: Literal["jpeg", "webp", "png"] = "jpeg"
     image_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
     keep_latents: bool = Field(True, description="Store the fp16 SD latents beside the images.")
-    num_gpus: float = Field(1.0, ge=0, description="GPUs per generating actor (0: CPU actors).")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per generating actor.")
-    resources: dict[str, float] = Field(
-        default_factory=dict,
-        description="Custom Ray resources per actor, e.g. {gen_gpu: 1} to land on the "
-        "generation node type of cluster/*.yaml rather than on a training node.",
-    )
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1, description="Upper bound of the actor pool; an autoscaling "
-                            "cluster grows towards it.")
     vae_batch_size: int = Field(8, ge=1, description="Latents decoded per VAE call (bounds "
                                 "decoder memory at 512 px).")
     channels_last: bool = Field(False, description="UNet in channels-last memory format on GPU; "
@@ -188,15 +200,6 @@ class GenerateConfig(StrictModel):
     max_shard_attempts: int = Field(3, ge=1, description="Rounds over pending shards before "
                                     "the job gives up.")
     fault_injection: FaultInjectionConfig = Field(default_factory=FaultInjectionConfig)
-
-    @model_validator(mode="after")
-    def _pool_bounds(self) -> "GenerateConfig":
-        if self.min_actors > self.max_actors:
-            raise ValueError(
-                f"min_actors ({self.min_actors}) > max_actors ({self.max_actors}); "
-                "set max_actors >= min_actors"
-            )
-        return self
 
 
 class BuildMISConfig(StrictModel):
@@ -279,7 +282,7 @@ class GenerateInputsConfig(StrictModel):
         return self
 
 
-class GenerateSetsConfig(StrictModel):
+class GenerateSetsConfig(ActorPoolConfig):
     """What to generate with which model, and the actor pool that does it."""
 
     output_uri: str = Field(..., description="Generations folder (local or s3://): images, "
@@ -296,25 +299,9 @@ class GenerateSetsConfig(StrictModel):
         "ray", description="ray: Ray Data with an actor pool (many sets, a cluster); local: in "
         "this process, no Ray (a few sets on this machine).")
     sets_per_batch: int = Field(4, ge=1, description="Sets denoised together in one UNet batch.")
-    num_gpus: float = Field(1.0, ge=0, description="GPUs per generating actor (0: CPU).")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per generating actor.")
-    resources: dict[str, float] = Field(
-        default_factory=dict,
-        description="Custom Ray resources per actor, e.g. {gen_gpu: 1} to land on the "
-        "generation node type of cluster/*.yaml rather than on a training node.",
-    )
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1)
     image_format: Literal["png", "jpeg"] = "png"
     contact_sheet_sets: int = Field(8, ge=0, description="Sets shown in contact_sheet.png "
                                     "(inputs | generated); 0: no sheet.")
-
-    @model_validator(mode="after")
-    def _pool_bounds(self) -> "GenerateSetsConfig":
-        if self.min_actors > self.max_actors:
-            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors}); "
-                             "set max_actors >= min_actors")
-        return self
 
 
 class GenerateJobConfig(GenerateSetsConfig):
@@ -345,7 +332,7 @@ class EvalExtractorsConfig(StrictModel):
     tiny_seed: int = Field(0, description="Seed of the tiny extractors' random weights.")
 
 
-class EvalConfig(StrictModel):
+class EvalConfig(ActorPoolConfig):
     output_uri: str | None = Field(
         None, description="Folder for report.json / report.md / report.png; None: "
         "<generations>/eval.")
@@ -371,10 +358,6 @@ class EvalConfig(StrictModel):
     reduce_batch_rows: int = Field(
         4096, ge=1, description="Image rows reduced to one partial statistic; keep it above "
         "the feature dimension (2048), or partial statistics outweigh the features.")
-    num_gpus: float = Field(1.0, ge=0, description="GPUs per extractor actor (0: CPU actors).")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per extractor actor.")
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1)
     read_threads: int = Field(8, ge=1, description="Threads per actor reading and decoding "
                               "images (S3 reads are latency-bound).")
     generate: GenerateSetsConfig | None = Field(
@@ -384,13 +367,6 @@ class EvalConfig(StrictModel):
         "generated_images, max_sets and expected_split (m2m_ray.sampling.job.generation_for_eval).")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-
-    @model_validator(mode="after")
-    def _pool_bounds(self) -> "EvalConfig":
-        if self.min_actors > self.max_actors:
-            raise ValueError(f"min_actors ({self.min_actors}) > max_actors "
-                             f"({self.max_actors}); set max_actors >= min_actors")
-        return self
 
 
 # ---------------------------------------------------------------------------------------------

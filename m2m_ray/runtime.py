@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from m2m_ray.config import RayConfig
+    from m2m_ray.config import ActorPoolConfig, RayConfig
 
 
 def init_ray(cfg: "RayConfig") -> str:
@@ -28,3 +28,22 @@ def init_ray(cfg: "RayConfig") -> str:
     resources = ray.cluster_resources()
     return (f"Ray {ray.__version__} at {ray.get_runtime_context().gcs_address}: "
             f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+
+
+def actor_pool_args(pool: "ActorPoolConfig", work_units: int | None = None,
+                    tasks_in_flight: int | None = None) -> dict:
+    """``map_batches`` keyword arguments for an actor pool from its config: resources per actor and
+    ``compute=ActorPoolStrategy(min, max)``, the bounds capped at ``work_units`` when given (no idle
+    actors for a short round). ``tasks_in_flight`` > 1 lets an actor start its next unit the moment
+    one ends, and Ray Data's pool autoscaler grows only pools whose actors can queue work."""
+    import ray
+
+    max_size = pool.max_actors if work_units is None else max(1, min(pool.max_actors, work_units))
+    return {
+        "num_gpus": pool.num_gpus,
+        "num_cpus": pool.num_cpus,
+        "resources": pool.resources or None,
+        "compute": ray.data.ActorPoolStrategy(
+            min_size=min(pool.min_actors, max_size), max_size=max_size,
+            max_tasks_in_flight_per_actor=tasks_in_flight),
+    }

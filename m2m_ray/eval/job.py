@@ -30,6 +30,7 @@ from m2m_ray.config import EvalConfig, config_to_dict
 from m2m_ray.eval import generations as gen
 from m2m_ray.eval.stats import (FrechetReference, GroupStats, clip_score, neg_entropy,
                                 softmax64)
+from m2m_ray.runtime import actor_pool_args
 
 SKIPPED = -1  # group of the rows that stand for a skipped set
 CONTEXT = 0   # group of the real preceding images; k = 1..M are the generated ones
@@ -228,10 +229,7 @@ def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any
     if items:
         features = ray.data.from_items(items).map_batches(
             SetFeatureExtractor, fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg)},
-            batch_size=cfg.sets_per_batch, batch_format="numpy", num_gpus=cfg.num_gpus,
-            num_cpus=cfg.num_cpus,
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors,
-                                               max_size=cfg.max_actors))
+            batch_size=cfg.sets_per_batch, batch_format="numpy", **actor_pool_args(cfg))
         partials = features.sort("group").map_batches(
             reduce_partials, fn_kwargs={"is_splits": cfg.is_splits},
             batch_size=cfg.reduce_batch_rows, batch_format="numpy")

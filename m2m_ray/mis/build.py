@@ -29,6 +29,7 @@ from m2m_ray.config import BuildMISConfig, config_to_dict, save_config
 from m2m_ray.mis.captions import load_shard_captions, read_captions_stats
 from m2m_ray.mis.generate import SDSetGenerator, encoded_sets
 from m2m_ray.mis.shards import MISLayout, ShardWriter, write_manifest
+from m2m_ray.runtime import actor_pool_args
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +138,8 @@ def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
             ShardWorker,
             fn_constructor_kwargs={"cfg": config_to_dict(cfg)},
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(
-                min_size=min(gen.min_actors, len(pending)),
-                max_size=min(gen.max_actors, len(pending)),
-                # 2: an actor starts its next shard the moment one commits, and Ray Data's pool
-                # autoscaler only grows a pool whose actors can hold more than one task.
-                max_tasks_in_flight_per_actor=2),
-            num_gpus=gen.num_gpus,
-            num_cpus=gen.num_cpus,
-            resources=gen.resources or None,
+            # 2 in flight: an actor starts its next shard the moment one commits
+            **actor_pool_args(gen, work_units=len(pending), tasks_in_flight=2),
         )
         try:
             for row in results.iter_rows():

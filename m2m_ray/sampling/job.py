@@ -36,6 +36,7 @@ from m2m_ray import storage as st
 from m2m_ray.config import GenerateJobConfig, config_to_dict, save_config
 from m2m_ray.data.image_inputs import expand_image_specs, fit_square, open_image
 from m2m_ray.eval import generations as gen
+from m2m_ray.runtime import actor_pool_args
 
 if TYPE_CHECKING:
     from m2m_ray.config import EvalConfig
@@ -282,9 +283,7 @@ def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:
 
         generated = sets.map_batches(
             M2MSetGenerator, fn_constructor_kwargs={"cfg_dict": cfg_dict},
-            batch_size=cfg.sets_per_batch, batch_format="numpy", num_gpus=cfg.num_gpus,
-            num_cpus=cfg.num_cpus,
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors))
+            batch_size=cfg.sets_per_batch, batch_format="numpy", **actor_pool_args(cfg))
         for batch in generated.iter_batches(batch_format="numpy", batch_size=256):
             outputs.extend(dict(zip(batch, values)) for values in zip(*batch.values()))
     outputs.sort(key=lambda row: (int(row["order"]), str(row["set_id"])))
