@@ -7,12 +7,15 @@
 #         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash benchmarks/gpu_all.sh
 #   dry run here on the CPU with the tiny preset:
 #     PRESET=tiny DEVICE=cpu OUT=/tmp/gpu_dry bash benchmarks/gpu_all.sh
+#   only some of them (the open question as of 2026-11-26: DINO vs plain at 50 steps, batch 8):
+#     ONLY=sampling bash benchmarks/gpu_all.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 PRESET=${PRESET:-sd21-base-shapes}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-1}           # 0: smallest settings (dry runs)
+ONLY=${ONLY:-generation,sampling,train_step,attention,eval}  # comma-separated subset
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 export M2M_RAY_CLIP_BPE=${M2M_RAY_CLIP_BPE:-$PWD/.cache/bpe_simple_vocab_16e6.txt.gz}
 export M2M_RAY_CACHE=${M2M_RAY_CACHE:-$PWD/.cache}
@@ -27,6 +30,7 @@ cat "$OUT/machine.txt"
 
 run() {  # run NAME LIMIT_S CMD...: stdout+stderr into all.log, stdout alone into NAME.txt
   local name=$1 limit=$2; shift 2
+  [[ ",$ONLY," == *",$name,"* ]] || return 0
   echo "=== $name: $*" | tee -a "$LOG"
   local start=$SECONDS
   timeout "$limit" "$@" 2>>"$LOG" | tee "$OUT/$name.txt" >>"$LOG"
@@ -39,7 +43,7 @@ if [ "$SCALE" = 0 ]; then
   TRAIN_ARGS="--batch-size 1 --images-per-set 3 --steps 1 --warmup 1"; EVAL_ARGS="--images 2 --batch 2"
   ATTN_ARGS="--repeats 1 --budget 1"
 else
-  GEN_ARGS="--captions 4 --steps 30 --captions-per-batch 2"; SAMPLE_ARGS="--steps 25 --repeats 2 --warmup 1"
+  GEN_ARGS="--captions 4 --steps 30 --captions-per-batch 2"; SAMPLE_ARGS="--batch 8 --steps 50 --repeats 2 --warmup 1"
   TRAIN_ARGS="--batch-size 8 --images-per-set 8 --steps 8 --warmup 2 --precision bf16"
   EVAL_ARGS="--images 512 --batch 64"; ATTN_ARGS="--repeats 3 --budget 10"
 fi
@@ -47,7 +51,7 @@ fi
 run generation 170 python3 benchmarks/generation.py --preset "$PRESET" --device "$DEVICE" \
     --dtype float16 $GEN_ARGS --out "$OUT/generation.json"
 # shellcheck disable=SC2086
-run sampling 170 python3 benchmarks/sampling.py --preset "$PRESET" --device "$DEVICE" $SAMPLE_ARGS \
+run sampling 300 python3 benchmarks/sampling.py --preset "$PRESET" --device "$DEVICE" $SAMPLE_ARGS \
     --out "$OUT/sampling.json"
 # shellcheck disable=SC2086
 run train_step 120 python3 benchmarks/train_step.py --preset "$PRESET" --device "$DEVICE" \

@@ -5,6 +5,8 @@ plain UNet of the same size without image-set attention, at K context images (pa
     python benchmarks/sampling.py --preset tiny --device cpu --steps 10 --threads 1
     # GPU, full SD-2.1-base / DINOv2-giant shapes with random weights (no Ray, no download)
     python benchmarks/sampling.py --preset sd21-base-shapes --device cuda --out sampling.json
+    # FLOPs only, any preset, on the meta device (no weights, no compute: seconds on any machine)
+    python benchmarks/sampling.py --preset sd21-base-shapes --flops-only --steps 50
 
 What one measurement is: the steady state of an auto-regressive run with K images in the context
 window (W = K). One generated image per set = ``steps`` denoising steps (DDIM, image guidance
@@ -160,6 +162,8 @@ def measure(case: Case, args, plain_unet: torch.nn.Module) -> dict:
     row = {"method": case.method, "K": case.K, "gflops_per_image": case.flops(args.steps) / 1e9}
     if not case.plain:
         row["floor_gflops_per_image"] = case.floor_flops(args.steps, plain_unet) / 1e9
+    if args.flops_only:
+        return row
     for _ in range(args.warmup):
         case.run(args.steps)
     _sync(case.device)
@@ -181,7 +185,7 @@ def measure(case: Case, args, plain_unet: torch.nn.Module) -> dict:
 
 def build_parts(args) -> dict:
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if device.type in ("cuda", "meta") else torch.float32
     model = ModelConfig(preset=args.preset)
     with torch.device(device):  # random weights initialised where they run (fast on a GPU)
         sd = presets.load_unet(model, device, dtype)
@@ -206,10 +210,11 @@ def run(args) -> dict:
         parts["codec"] = parts["codec_dino" if method == "dino" else "codec_self"]
         row = measure(Case(args, method, num_context, parts), args, parts["plain"])
         results.append(row)
-        print(f"{method:>14} K={num_context}: {row['seconds_per_image']:.4f} s/image, "
-              f"{row['gflops_per_image']:.1f} GFLOP/image", flush=True)
+        seconds = "" if args.flops_only else f"{row['seconds_per_image']:.4f} s/image, "
+        print(f"{method:>14} K={num_context}: {seconds}{row['gflops_per_image']:.1f} GFLOP/image",
+              flush=True)
     return {"benchmark": "sampling", "machine": machine(args), "settings": vars(args),
-            "results": results, "goals": goals(results)}
+            "results": results, "goals": {} if args.flops_only else goals(results)}
 
 
 def goals(results: list[dict]) -> dict:
@@ -235,15 +240,20 @@ def goals(results: list[dict]) -> dict:
 
 def table(report: dict) -> str:
     plain = next(r for r in report["results"] if r["method"] == "plain")
-    lines = ["| method | K | s / image | × plain | GFLOP / image | × plain FLOPs | floor × plain |",
-             "|---|---|---|---|---|---|---|"]
+    timed = "seconds_per_image" in plain
+    head = ["method", "K"] + (["s / image", "× plain"] if timed else []) + [
+        "GFLOP / image", "× plain FLOPs", "floor × plain"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
         floor = (f"{r['floor_gflops_per_image'] / plain['gflops_per_image']:.3f}"
                  if "floor_gflops_per_image" in r else "")
-        lines.append(f"| {r['method']} | {r['K']} | {r['seconds_per_image']:.4f} | "
-                     f"{r['seconds_per_image'] / plain['seconds_per_image']:.2f} | "
-                     f"{r['gflops_per_image']:.1f} | "
-                     f"{r['gflops_per_image'] / plain['gflops_per_image']:.3f} | {floor} |")
+        cells = [r["method"], str(r["K"])]
+        if timed:
+            cells += [f"{r['seconds_per_image']:.4f}",
+                      f"{r['seconds_per_image'] / plain['seconds_per_image']:.2f}"]
+        cells += [f"{r['gflops_per_image']:.1f}",
+                  f"{r['gflops_per_image'] / plain['gflops_per_image']:.3f}", floor]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -268,8 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); "
                         "use 1 on a shared CPU, where spinning OpenMP threads distort timings")
+    parser.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta "
+                        "device, no timings (full-size shapes without a GPU)")
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args(argv)
+    if args.flops_only:
+        args.device = "meta"
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run(args)

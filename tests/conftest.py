@@ -41,6 +41,19 @@ def ray_turn():
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core CI box spinning OpenMP
+    threads make them ~50x slower. For a module: `pytestmark = pytest.mark.usefixtures(...)`;
+    the setting is restored for the next module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def ray_local():
     """A private local Ray (4 logical CPUs, own temp dir) for one test module."""
     import ray

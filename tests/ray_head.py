@@ -61,9 +61,15 @@ class RayHead:
 
 
 def start_head(num_cpus: int = 4, extra_args: tuple[str, ...] = (), env: dict | None = None,
-               timeout_s: float = 120.0) -> RayHead:
-    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
-    gcs_port, dash_port, agent_port = free_port(), free_port(), free_port()
+               timeout_s: float = 120.0, gcs_port: int | None = None,
+               temp_dir: str | None = None) -> RayHead:
+    """Start a head and wait until its dashboard answers an authenticated request.
+
+    `gcs_port` and `temp_dir` are for callers that must name them before the head starts (the
+    fake multinode YAML carries the GCS address)."""
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
+    gcs_port = gcs_port or free_port()
+    dash_port, agent_port = free_port(), free_port()
     token = secrets.token_hex(16)
     head_env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
                     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **(env or {}))

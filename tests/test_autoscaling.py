@@ -10,10 +10,8 @@ The workload is a parameter (`WORKLOADS`): what a job runs does not change the h
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -27,7 +25,7 @@ import yaml
 
 from conftest import ray_turn
 from m2m_ray.cluster import validate_cluster_yaml
-from ray_head import RayHead, free_port, wait_for_job
+from ray_head import RayHead, free_port, start_head, wait_for_job
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_YAML = ROOT / "cluster/local/fake-multinode.yaml"
@@ -39,36 +37,16 @@ def start_fake_cluster(timeout_s: float = 120.0) -> tuple[RayHead, dict]:
     The YAML is copied with `provider.gcs_address` set to this head's free port. Stopped like any
     test head: by its process group id (the fake nodes are children of its autoscaler)."""
     temp_dir = tempfile.mkdtemp(prefix="rayfake", dir="/tmp")
-    gcs_port, dash_port, agent_port = free_port(), free_port(), free_port()
+    gcs_port = free_port()
     config = yaml.safe_load(FAKE_YAML.read_text())
     config["provider"]["gcs_address"] = f"127.0.0.1:{gcs_port}"
     config_path = Path(temp_dir, "fake-multinode.yaml")
     config_path.write_text(yaml.safe_dump(config))
     validate_cluster_yaml(config_path)
-    token = os.urandom(16).hex()
-    env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    env.pop("RAY_ADDRESS", None)
-    cmd = ["ray", "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-           f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={temp_dir}",
-           "--num-cpus=0", f"--autoscaling-config={config_path}", "--disable-usage-stats",
-           "--block"]
-    log = open(Path(temp_dir, "head.log"), "w")
-    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    head = RayHead(process, f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}", token,
-                   temp_dir)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            _get(head, "/api/version")
-            return head, config
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                head.stop()
-                raise RuntimeError(f"fake cluster head did not come up:\n{head.log()[-3000:]}")
-            time.sleep(1)
+    head = start_head(num_cpus=0, gcs_port=gcs_port, temp_dir=temp_dir, timeout_s=timeout_s,
+                      extra_args=(f"--autoscaling-config={config_path}",),
+                      env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+    return head, config
 
 
 def _get(head: RayHead, path: str):

@@ -29,14 +29,7 @@ SKIMAGE_DATA = os.path.dirname(skimage.data.__file__)
 # Photographs of assorted sizes and modes: RGB PNG/JPEG, greyscale (camera), RGBA (logo).
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "logo.png"]
 FAST = ["--sample.num_inference_steps=2", "--sample.num_images=2"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

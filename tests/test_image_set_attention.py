@@ -12,19 +12,12 @@ from m2m_ray.models.image_set_attention import (
     visible_context,
 )
 from m2m_ray.models.m2m_unet import M2MUNet
+from tiny_models import randomize_new_projections
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core CI box spinning OpenMP
-    threads make them ~50× slower; restore the setting for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _reference(query, key, value, null_key, null_value, heads, offset, drop):
+def _reference(query, key, value, null_key, null_value, heads, offset):
     """Per target, plain softmax attention over the null token and the visible context (float64)."""
     batch, num_targets, _, inner = query.shape
     num_context = key.shape[1]
@@ -33,7 +26,7 @@ def _reference(query, key, value, null_key, null_value, heads, offset, drop):
     out = torch.empty(query.shape, dtype=torch.float64)
     for b in range(batch):
         for j in range(num_targets):
-            seen = [i for i in range(num_context) if visible[j, i] and not drop[b]]
+            seen = [i for i in range(num_context) if visible[j, i]]
             keys = torch.cat([null_key[None], *[key[b, i] for i in seen]]).double()
             values = torch.cat([null_value[None], *[value[b, i] for i in seen]]).double()
             q = query[b, j].double()
@@ -53,15 +46,42 @@ def test_core_equals_per_target_softmax(num_targets, num_context, offset):
     key = torch.randn(batch, num_context, key_len, inner, generator=gen)
     value = torch.randn(batch, num_context, key_len, inner, generator=gen)
     null_key, null_value = torch.randn(inner, generator=gen), torch.randn(inner, generator=gen)
-    drop = torch.tensor([False, True, False])
-    got = image_set_attention(query, key, value, null_key, null_value, heads, offset,
-                              kept_rows(drop, query.device))
-    want = _reference(query, key, value, null_key, null_value, heads, offset, drop)
+    got = image_set_attention(query, key, value, null_key, null_value, heads, offset)
+    want = _reference(query, key, value, null_key, null_value, heads, offset)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    # A dropped sample gets exactly what an empty context gives: the null value.
+    # An empty context gives exactly the null value, what a dropped sample gets without attending.
     empty = image_set_attention(query, key[:, :0], value[:, :0], null_key, null_value, heads, 0)
-    assert torch.equal(got[1], empty[1])
     assert torch.equal(empty, null_value.expand_as(empty))
+
+
+def test_kept_rows_forms():
+    cpu = torch.device("cpu")
+    assert kept_rows(None, cpu) is None
+    assert kept_rows(torch.tensor([False, False]), cpu) is None
+    # guidance batches: the unconditional copy first, the kept rows one run → a slice (no copies)
+    assert kept_rows(torch.tensor([True, True, False, False, False]), cpu) == slice(2, 5)
+    assert kept_rows(torch.tensor([True, True]), cpu) == slice(0, 0)
+    # training's random drops → indices
+    assert kept_rows(torch.tensor([False, True, False]), cpu).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("drop", [[True, False, True, False], [True, True, False, False],
+                                  [True, True, True, True]])
+def test_dropped_samples_equal_an_empty_context_and_kept_ones_are_untouched(drop):
+    """The processor's dropped-row shortcut (to_out of the null value, no attention) against the
+    full computation of each sample alone: dropped = empty context, kept = not dropped at all."""
+    model = randomize_new_projections(
+        M2MUNet.from_preset(ModelConfig(preset="tiny"), M2MConfig(variant="self")), scale=0.3)
+    gen = torch.Generator().manual_seed(3)
+    targets, context = torch.randn(4, 2, 4, 8, 8, generator=gen), torch.randn(4, 3, 4, 8, 8,
+                                                                              generator=gen)
+    timesteps = torch.randint(0, 1000, (4, 2), generator=gen)
+    with torch.no_grad():
+        got = model(targets, timesteps, context, context_drop=torch.tensor(drop))
+        for b, dropped in enumerate(drop):
+            alone = model(targets[b:b + 1], timesteps[b:b + 1],
+                          context[b:b + 1, :0] if dropped else context[b:b + 1])
+            torch.testing.assert_close(got[b:b + 1], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_visibility_rule():

@@ -9,37 +9,22 @@ from m2m_ray.models.context import DinoEncoder
 from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.models.image_set_attention import visible_context
 from m2m_ray.models.m2m_unet import M2MUNet
+from tiny_models import randomize_new_projections
 
 TINY = ModelConfig(preset="tiny")
 B, N, LATENT = 2, 3, (4, 8, 8)
 DINO_TOKENS, DINO_WIDTH = 65, 32
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core CI box spinning OpenMP
-    threads make them ~50× slower; restore the setting for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _trained(model: M2MUNet) -> M2MUNet:
-    """Stand-in for a trained model: randomize the zero-initialized new projections."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "attn2.to_out" in name or "task_proj" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    return model
+def _trained(config: M2MConfig) -> M2MUNet:
+    return randomize_new_projections(M2MUNet.from_preset(TINY, config), scale=0.2)
 
 
 @pytest.fixture(scope="module")
 def models():
     tasks = ["camera", "position"]
-    return {variant: _trained(M2MUNet.from_preset(TINY, M2MConfig(variant=variant,
-                                                                  task_conditions=tasks)))
+    return {variant: _trained(M2MConfig(variant=variant, task_conditions=tasks))
             for variant in ("self", "dino")}
 
 
@@ -200,7 +185,7 @@ def test_save_load_round_trip_is_exact(models, variant, tmp_path):
 
 
 def test_fine_tuning_start_adds_task_embedders_that_change_nothing_yet(tmp_path):
-    pretrained = _trained(M2MUNet.from_preset(TINY, M2MConfig(variant="self")))
+    pretrained = _trained(M2MConfig(variant="self"))
     pretrained.save_pretrained(tmp_path / "pre")
     tuned = M2MUNet.from_pretrained(tmp_path / "pre", task_conditions=["camera", "position"])
     assert tuned.config.task_conditions == ["camera", "position"]
@@ -212,7 +197,7 @@ def test_fine_tuning_start_adds_task_embedders_that_change_nothing_yet(tmp_path)
 
 
 def test_gradient_checkpointing_and_bf16_autocast():
-    model = _trained(M2MUNet.from_preset(TINY, M2MConfig(variant="self"))).train()
+    model = _trained(M2MConfig(variant="self")).train()
     targets, timesteps, context = _inputs("self")
     drop = torch.tensor([False, True])
 

@@ -13,34 +13,16 @@ from m2m_ray.models.m2m_unet import M2MUNet
 from m2m_ray.sampling.guidance import Branch, combine, guidance_branches
 from m2m_ray.sampling.pipeline import M2MPipeline
 from m2m_ray.sampling.sampler import ContextState, GuidedDenoiser, sample
+from tiny_models import randomize_new_projections
 
 TINY = ModelConfig(preset="tiny")
 STEPS = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads on a loaded 2-core box; restore after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _trained(model: M2MUNet) -> M2MUNet:
-    """Stand-in for a trained model: randomize the zero-initialized new projections, so the
-    context and the task conditions change the output."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "attn2.to_out" in name or "task_proj" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    return model
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pipeline(variant: str, tasks=()) -> M2MPipeline:
-    unet = _trained(M2MUNet.from_preset(TINY, M2MConfig(variant=variant,
-                                                        task_conditions=list(tasks))))
+    config = M2MConfig(variant=variant, task_conditions=list(tasks))
+    unet = randomize_new_projections(M2MUNet.from_preset(TINY, config), scale=0.3)
     dino = DinoEncoder.from_preset(TINY) if variant == "dino" else None
     return M2MPipeline(unet, presets.load_vae(TINY), presets.load_scheduler(TINY, "ddim"), dino)
 

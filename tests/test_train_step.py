@@ -36,14 +36,7 @@ from m2m_ray.train.step import (EMA, LRSchedule, TrainBatch, m2m_loss, make_opti
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(preset="tiny")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a loaded 2-core box
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

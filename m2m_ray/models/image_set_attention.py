@@ -15,8 +15,9 @@ Compute (``image_set_attention``): the null token is put in front of the flatten
 context images they see; each group is one ``F.scaled_dot_product_attention`` call over its prefix,
 without any mask, so SDPA may pick its flash/memory-efficient kernels, masked keys cost nothing
 (≈ half the attention FLOPs of a masked version in training) and no mask is built at all, let alone
-a dense ``N·h·w × N·h·w`` one. Dropped samples take the null value (the exact output of attention
-over the null token alone) without any attention compute: only the kept samples attend.
+a dense ``N·h·w × N·h·w`` one. A dropped sample's output is the projected null value (the exact
+output of attention over the null token alone), with no query projection or attention compute:
+only the kept samples attend.
 
 Processors are ``nn.Module``s (they own the null key/value and the zero-initialized task-condition
 projection), installed with ``set_attn_processor`` before weights are loaded. Everything a call
@@ -68,23 +69,13 @@ def _target_groups(num_targets: int, num_context: int,
 
 
 def image_set_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        null_key: torch.Tensor, null_value: torch.Tensor, heads: int, offset: int,
-                        context_kept: torch.Tensor | None = None) -> torch.Tensor:
+                        null_key: torch.Tensor, null_value: torch.Tensor, heads: int,
+                        offset: int) -> torch.Tensor:
     """Causal multi-head attention of M targets over K context images plus a null token.
 
-    query ``(B, M, Lq, inner)``, key/value ``(B, K, Lk, inner)``, null_key/null_value ``(inner,)``,
-    context_kept ``(B',)`` int64 indices of the samples that see their context (None: all;
-    ``kept_rows`` makes it from a ``context_drop`` mask) → ``(B, M, Lq, inner)``.
+    query ``(B, M, Lq, inner)``, key/value ``(B, K, Lk, inner)``, null_key/null_value ``(inner,)``
+    → ``(B, M, Lq, inner)``. Dropped samples never come here (``ImageSetAttnProcessor.attend``).
     """
-    if context_kept is not None:
-        # A dropped sample attends to the null token alone, whose output is its value: attend for
-        # the kept samples only (a guidance batch's unconditional half costs no attention).
-        out = null_value.to(query.dtype).expand(query.shape).clone()  # (B, M, Lq, inner)
-        if context_kept.numel():
-            out[context_kept] = image_set_attention(query[context_kept], key[context_kept],
-                                                    value[context_kept], null_key, null_value,
-                                                    heads, offset)
-        return out
     batch, num_targets, query_len, inner = query.shape
     num_context, key_len = key.shape[1], key.shape[2]
     head_dim = inner // heads
@@ -113,8 +104,8 @@ class ImageSetCall:
     num_targets: int                              # M (0 in capture mode)
     num_context: int                              # K
     offset: int = 0
-    context_kept: torch.Tensor | None = None      # (B',) indices of samples that see context;
-                                                  # None: all (``kept_rows`` of context_drop)
+    context_kept: torch.Tensor | slice | None = None  # samples that see their context: indices
+                                                  # or a slice (``kept_rows``); None: all
     task_drop: torch.Tensor | None = None         # (B,) bool: ignore the task conditions
     target_task: torch.Tensor | None = None       # (B, M, E) task embeddings of the targets
     context_task: torch.Tensor | None = None      # (B, K, E) self/capture: of the context images
@@ -124,16 +115,28 @@ class ImageSetCall:
     captured: dict[int, SiteContext] | None = None  # capture mode: filled per site
 
 
-def kept_rows(context_drop: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """Indices of the samples whose context is not dropped, on ``device``; None when none is
-    dropped. Computed once per UNet call (not per site); from a mask that lives on the CPU — as the
-    sampler's guidance masks do — without any device synchronisation."""
+def kept_rows(context_drop: torch.Tensor | None,
+              device: torch.device) -> torch.Tensor | slice | None:
+    """The samples whose context is not dropped: None when none is dropped, a slice when they are
+    one run (the sampler's guidance batches: the unconditional copy first, so indexing the query,
+    the keys and the output costs no copy), else indices on ``device``. Computed once per UNet
+    call (not per site); from a mask that lives on the CPU — as the sampler's guidance masks do —
+    without any device synchronisation."""
     if context_drop is None:
         return None
     kept = (~context_drop).nonzero().flatten()  # a host sync only if the mask is on a device
     if kept.numel() == context_drop.numel():
         return None
+    if kept.numel() == 0:
+        return slice(0, 0)
+    first, last = int(kept[0]), int(kept[-1])
+    if last - first + 1 == kept.numel():
+        return slice(first, last + 1)
     return kept.to(device, non_blocking=True)
+
+
+def _take(rows: torch.Tensor | None, kept: torch.Tensor | slice) -> torch.Tensor | None:
+    return None if rows is None else rows[kept]
 
 
 def _unless_dropped(term: torch.Tensor, task_drop: torch.Tensor | None) -> torch.Tensor:
@@ -168,19 +171,39 @@ class ImageSetAttnProcessor(nn.Module):
     def attend(self, attn: Attention, hidden: torch.Tensor, site: SiteContext,
                call: ImageSetCall) -> torch.Tensor:
         """Target rows ``(B*M, Lq, C)`` → image-set attention output ``(B*M, Lq, C)``."""
-        query = attn.to_q(hidden).unflatten(0, (call.batch_size, call.num_targets))
-        # query: (B, M, Lq, inner)
-        if call.target_task is not None:
-            query_task = F.linear(self.task_proj(call.target_task), attn.to_q.weight)  # (B,M,inner)
-            query = query + _unless_dropped(query_task, call.task_drop)[:, :, None]
-        key, value = site.key, site.value  # (B, K, L, inner)
+        kept = call.context_kept
+        if kept is None:
+            out = self._attend(attn, hidden, site, call.target_task, call.task_drop, call)
+            return attn.to_out[1](out)
+        # A dropped sample attends to the null token alone, so its output is to_out(null value) at
+        # every position whatever its query: no to_q, attention or to_out for its rows (a guidance
+        # batch's unconditional copy costs one vector).
+        hidden = hidden.unflatten(0, (call.batch_size, call.num_targets))  # (B, M, Lq, C)
+        null_out = attn.to_out[0](self.null_value.to(hidden.dtype))  # (C,)
+        out = null_out.expand(hidden.shape).clone()  # (B, M, Lq, C)
+        hidden_kept = hidden[kept]  # (B', M, Lq, C); a view for a slice
+        if hidden_kept.shape[0]:
+            part = self._attend(attn, hidden_kept.flatten(0, 1), site.map(lambda t: t[kept]),
+                                _take(call.target_task, kept), _take(call.task_drop, kept), call)
+            out[kept] = part.unflatten(0, hidden_kept.shape[:2]).to(out.dtype)
+        return attn.to_out[1](out.flatten(0, 1))
+
+    def _attend(self, attn: Attention, hidden: torch.Tensor, site: SiteContext,
+                target_task: torch.Tensor | None, task_drop: torch.Tensor | None,
+                call: ImageSetCall) -> torch.Tensor:
+        """Rows ``(B'*M, Lq, C)`` of samples that all see their context → ``to_out[0]`` of their
+        attention ``(B'*M, Lq, C)``; site, target_task and task_drop cover the same B'."""
+        query = attn.to_q(hidden).unflatten(0, (-1, call.num_targets))  # (B', M, Lq, inner)
+        if target_task is not None:
+            query_task = F.linear(self.task_proj(target_task), attn.to_q.weight)  # (B', M, inner)
+            query = query + _unless_dropped(query_task, task_drop)[:, :, None]
+        key, value = site.key, site.value  # (B', K, L, inner)
         if site.key_task is not None:
-            key = key + _unless_dropped(site.key_task, call.task_drop)[:, :, None]
-            value = value + _unless_dropped(site.value_task, call.task_drop)[:, :, None]
+            key = key + _unless_dropped(site.key_task, task_drop)[:, :, None]
+            value = value + _unless_dropped(site.value_task, task_drop)[:, :, None]
         out = image_set_attention(query, key, value, self.null_key, self.null_value, attn.heads,
-                                  call.offset, call.context_kept)  # (B, M, Lq, inner)
-        out = attn.to_out[0](out.flatten(0, 1))  # (B*M, Lq, C)
-        return attn.to_out[1](out)
+                                  call.offset)  # (B', M, Lq, inner)
+        return attn.to_out[0](out.flatten(0, 1))  # (B'*M, Lq, C)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
