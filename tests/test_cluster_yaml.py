@@ -55,6 +55,9 @@ def test_cloud_yaml_passes_ray_validation_and_places_gpu_work(provider):
     assert "--dashboard-host=127.0.0.1" in head_start
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert any("scripts/setup.sh" in c and "torch==2.13.0" in c for c in config["setup_commands"])
+    if provider == "aws":
+        # our own security group on every node: Ray's default one admits SSH from 0.0.0.0/0
+        assert all(t["node_config"].get("SecurityGroupIds") for t in types.values())
 
 
 def test_fake_multinode_yaml_is_complete_for_the_autoscaler():
