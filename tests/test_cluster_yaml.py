@@ -1,6 +1,7 @@
 """Cluster files pass Ray's own offline validation and this project's rules; broken ones do not."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,33 @@ def test_cloud_yaml_passes_ray_validation_and_places_gpu_work(provider):
     if provider == "aws":
         # our own security group on every node: Ray's default one admits SSH from 0.0.0.0/0
         assert all(t["node_config"].get("SecurityGroupIds") for t in types.values())
+
+
+def test_aws_profiles_let_the_head_launch_workers_and_nothing_more():
+    """The head's profile may pass the workers' role (else RunInstances with a profile fails), and
+    every profile reaches S3 on the data bucket only."""
+    types = yaml.safe_load(CLOUD_YAMLS["aws"].read_text())["available_node_types"]
+    profiles = {name: t["node_config"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
+                for name, t in types.items()}
+    assert profiles.pop("head") == "m2m-ray-head"
+    assert set(profiles.values()) == {"m2m-ray-worker"}
+    policies = {who: json.loads((ROOT / f"cluster/aws-iam/{who}-policy.json").read_text())
+                for who in ("head", "worker")}
+    head = {st["Sid"]: st for st in policies["head"]["Statement"]}
+    assert head["WorkersGetTheirOwnProfile"]["Resource"].endswith(":role/m2m-ray-worker")
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags"} <= set(
+        head["AutoscalerLaunchesAndTerminatesNodes"]["Action"])
+    for who, policy in policies.items():
+        for statement in policy["Statement"]:
+            actions = [statement["Action"]] if isinstance(statement["Action"], str) \
+                else statement["Action"]
+            assert statement["Effect"] == "Allow" and "*" not in actions, (who, statement)
+            if any(a.startswith("s3:") for a in actions):
+                assert all(a.startswith("s3:") for a in actions)
+                assert statement["Resource"] in ("arn:aws:s3:::REPLACE_BUCKET",
+                                                 "arn:aws:s3:::REPLACE_BUCKET/*"), (who, statement)
+    s3 = [st for st in policies["head"]["Statement"] if st["Action"][0].startswith("s3:")]
+    assert s3 == policies["worker"]["Statement"]
 
 
 def test_fake_multinode_yaml_is_complete_for_the_autoscaler():
