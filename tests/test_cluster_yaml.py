@@ -69,23 +69,21 @@ def test_aws_profiles_let_the_head_launch_workers_and_nothing_more():
                 for name, t in types.items()}
     assert profiles.pop("head") == "m2m-ray-head"
     assert set(profiles.values()) == {"m2m-ray-worker"}
-    policies = {who: json.loads((ROOT / f"cluster/aws-iam/{who}-policy.json").read_text())
-                for who in ("head", "worker")}
-    head = {st["Sid"]: st for st in policies["head"]["Statement"]}
+    policies = {name: json.loads((ROOT / f"cluster/aws-iam/{name}-policy.json").read_text())
+                for name in ("data-bucket", "autoscaler")}
+    head = {st["Sid"]: st for st in policies["autoscaler"]["Statement"]}
     assert head["WorkersGetTheirOwnProfile"]["Resource"].endswith(":role/m2m-ray-worker")
     assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags"} <= set(
         head["AutoscalerLaunchesAndTerminatesNodes"]["Action"])
-    for who, policy in policies.items():
+    for name, policy in policies.items():
         for statement in policy["Statement"]:
             actions = [statement["Action"]] if isinstance(statement["Action"], str) \
                 else statement["Action"]
-            assert statement["Effect"] == "Allow" and "*" not in actions, (who, statement)
+            assert statement["Effect"] == "Allow" and "*" not in actions, (name, statement)
             if any(a.startswith("s3:") for a in actions):
-                assert all(a.startswith("s3:") for a in actions)
+                assert name == "data-bucket" and all(a.startswith("s3:") for a in actions)
                 assert statement["Resource"] in ("arn:aws:s3:::REPLACE_BUCKET",
-                                                 "arn:aws:s3:::REPLACE_BUCKET/*"), (who, statement)
-    s3 = [st for st in policies["head"]["Statement"] if st["Action"][0].startswith("s3:")]
-    assert s3 == policies["worker"]["Statement"]
+                                                 "arn:aws:s3:::REPLACE_BUCKET/*"), (name, statement)
 
 
 def test_fake_multinode_yaml_is_complete_for_the_autoscaler():
