@@ -30,7 +30,7 @@ import ctypes
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m2m_ray.config import M2MConfig, ModelConfig  # noqa: E402
 from m2m_ray.models import presets  # noqa: E402
+from m2m_ray.models.config import M2MConfig, ModelConfig  # noqa: E402
 from m2m_ray.models.image_set_attention import image_set_attention, visible_context  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "masked", "dense")

@@ -144,8 +144,9 @@ def main() -> None:
 
     import ray
 
-    from m2m_ray.config import BuildMISConfig, ModelConfig
     from m2m_ray.mis.captions import run_captions_stage
+    from m2m_ray.mis.config import BuildMISConfig
+    from m2m_ray.models.config import ModelConfig
     from m2m_ray.models.presets import load_tokenizer
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="caption-bench-"))

@@ -32,8 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m2m_ray.eval.inception import FIDInceptionV3  # noqa: E402
-from m2m_ray.eval.stats import (ClassProbStats, FrechetReference,  # noqa: E402
-                                GaussianMoments, softmax64)
+from m2m_ray.eval.stats import (  # noqa: E402
+    ClassProbStats,
+    FrechetReference,
+    GaussianMoments,
+    softmax64,
+)
 
 # openai/clip-vit-large-patch14's published architecture (weights random here).
 CLIP_L14_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,

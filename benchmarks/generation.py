@@ -29,9 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m2m_ray.config import GenerateConfig, ModelConfig  # noqa: E402
+from m2m_ray.mis.config import GenerateConfig  # noqa: E402
 from m2m_ray.mis.generate import SDSetGenerator, encoded_sets  # noqa: E402
 from m2m_ray.models import presets  # noqa: E402
+from m2m_ray.models.config import ModelConfig  # noqa: E402
 
 CAPTIONS = [
     "a red fox standing in fresh snow at dawn", "an old lighthouse on a rocky coast",
@@ -82,7 +83,7 @@ def bench_ours(args, captions: list[str]) -> dict[str, dict]:
     size = presets.PRESETS[args.preset].resolution if args.size is None else args.size
     cfg = GenerateConfig(images_per_caption=args.images_per_caption, num_inference_steps=args.steps,
                          height=size, width=size, dtype=args.dtype,
-                         num_gpus=1 if device.type == "cuda" else 0,
+                         actors={"num_gpus": 1 if device.type == "cuda" else 0},
                          image_format="jpeg",
                          vae_batch_size=args.vae_batch_size, encode_threads=args.encode_threads)
     generator = SDSetGenerator(ModelConfig(preset=args.preset), cfg)
@@ -95,7 +96,7 @@ def bench_ours(args, captions: list[str]) -> dict[str, dict]:
         layout, vae, per_batch = variant.split("-")
         generator.pipe.unet.to(memory_format=torch.channels_last if layout == "cl"
                                else torch.contiguous_format)
-        generator.cfg.vae_batch_size = int(vae.removeprefix("vae"))
+        generator.cfg.vae_batch_size = generator.codec.vae_batch_size = int(vae.removeprefix("vae"))
         generator.cfg.captions_per_batch = int(per_batch.removeprefix("c"))
         list(encoded_sets(generator, rows[:generator.cfg.captions_per_batch], image_pool,
                           batch_pool, {}))

@@ -45,14 +45,18 @@ from torch.utils import flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m2m_ray.config import M2MConfig, ModelConfig  # noqa: E402
 from m2m_ray.models import presets  # noqa: E402
+from m2m_ray.models.codec import ImageCodec  # noqa: E402
+from m2m_ray.models.config import M2MConfig, ModelConfig  # noqa: E402
 from m2m_ray.models.context import DinoEncoder  # noqa: E402
 from m2m_ray.models.m2m_unet import M2MUNet  # noqa: E402
-from m2m_ray.sampling.codec import ImageCodec  # noqa: E402
 from m2m_ray.sampling.guidance import guidance_branches  # noqa: E402
-from m2m_ray.sampling.sampler import (ContextState, GuidedDenoiser, denoise_image,  # noqa: E402
-                                      latent_shape)
+from m2m_ray.sampling.sampler import (  # noqa: E402
+    ContextState,
+    GuidedDenoiser,
+    denoise_image,
+    latent_shape,
+)
 
 GUIDANCE = 3.0
 GOALS = {"dino_vs_plain_at_8": 1.15, "cache_speedup_at_8": 3.0, "self_cached_vs_floor_at_8": 1.2}

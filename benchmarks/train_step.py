@@ -36,11 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
-    from m2m_ray.config import EMAConfig, M2MConfig, ModelConfig, OptimConfig
+    from m2m_ray.models.config import M2MConfig, ModelConfig
     from m2m_ray.models.context import DinoEncoder
     from m2m_ray.models.m2m_unet import M2MUNet
     from m2m_ray.models.presets import get_preset, load_scheduler
-    from m2m_ray.train.step import EMA, TrainBatch, m2m_loss, make_optimizer, step_generator
+    from m2m_ray.train.config import EMAConfig, OptimConfig
+    from m2m_ray.train.step import (
+        EMA,
+        TrainBatch,
+        m2m_loss,
+        make_optimizer,
+        step_generator,
+    )
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,6 @@
-"""Starting or joining Ray, the same way for every entry script.
+"""Where work runs: starting or joining Ray (the same way for every entry script), the
+``map_batches`` arguments of a stage's ``ActorPoolConfig``, and the torch device and dtype of a
+worker.
 
 ``python pipelines/X.py`` on a laptop starts a private local Ray; ``ray job submit -- python
 pipelines/X.py`` runs with ``$RAY_ADDRESS`` set and joins that cluster.
@@ -7,9 +9,12 @@ pipelines/X.py`` runs with ``$RAY_ADDRESS`` set and joins that cluster.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import warnings
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import torch
+
     from m2m_ray.config import ActorPoolConfig, RayConfig
 
 
@@ -31,19 +36,61 @@ def init_ray(cfg: "RayConfig") -> str:
 
 
 def actor_pool_args(pool: "ActorPoolConfig", work_units: int | None = None,
-                    tasks_in_flight: int | None = None) -> dict:
+                    tasks_in_flight: int | None = None, initial_actors: int | None = None) -> dict:
     """``map_batches`` keyword arguments for an actor pool from its config: resources per actor and
     ``compute=ActorPoolStrategy(min, max)``, the bounds capped at ``work_units`` when given (no idle
-    actors for a short round). ``tasks_in_flight`` > 1 lets an actor start its next unit the moment
-    one ends, and Ray Data's pool autoscaler grows only pools whose actors can queue work."""
+    actors for a short round; ``max_actors`` None: no bound but that one). ``tasks_in_flight`` > 1
+    lets an actor start its next unit the moment one ends, and Ray Data's pool autoscaler grows only
+    pools whose actors can queue work. ``initial_actors``: the pool's size at start."""
     import ray
 
-    max_size = pool.max_actors if work_units is None else max(1, min(pool.max_actors, work_units))
-    return {
-        "num_gpus": pool.num_gpus,
-        "num_cpus": pool.num_cpus,
-        "resources": pool.resources or None,
-        "compute": ray.data.ActorPoolStrategy(
-            min_size=min(pool.min_actors, max_size), max_size=max_size,
-            max_tasks_in_flight_per_actor=tasks_in_flight),
-    }
+    bounds = [n for n in (pool.max_actors, work_units) if n is not None]
+    max_size = max(1, min(bounds)) if bounds else None
+    min_size = pool.min_actors if max_size is None else min(pool.min_actors, max_size)
+    if initial_actors is not None:
+        initial_actors = max(min_size, initial_actors if max_size is None
+                             else min(initial_actors, max_size))
+    return {**_resources(pool), "compute": ray.data.ActorPoolStrategy(
+        min_size=min_size, max_size=max_size, initial_size=initial_actors,
+        max_tasks_in_flight_per_actor=tasks_in_flight)}
+
+
+def task_pool_args(pool: "ActorPoolConfig") -> dict:
+    """``map_batches`` keyword arguments for a stage run as Ray Data tasks: resources per task, and
+    at most ``max_actors`` tasks in flight (None: as many as Ray Data schedules)."""
+    import ray
+
+    args = _resources(pool)
+    if pool.max_actors is not None:
+        args["compute"] = ray.data.TaskPoolStrategy(size=pool.max_actors)
+    return args
+
+
+def _resources(pool: "ActorPoolConfig") -> dict:
+    return {"num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus,
+            "resources": pool.resources or None}
+
+
+DType = Literal["float16", "bfloat16", "float32"]
+
+
+def pick_device(num_gpus: float, what: str = "this stage") -> "torch.device":
+    """CUDA when the worker asked for a GPU and one is really there; else the CPU, with a warning
+    when a GPU was asked for (fake GPU nodes in autoscaling tests, misconfigured images)."""
+    import torch
+
+    if num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    if num_gpus > 0:
+        warnings.warn(f"{what} asked for num_gpus={num_gpus:g} but no CUDA device is present: "
+                      "running on the CPU in float32", RuntimeWarning, stacklevel=2)
+    return torch.device("cpu")
+
+
+def torch_dtype(name: DType, device: "torch.device") -> "torch.dtype":
+    """The compute dtype of a config's ``dtype`` on ``device``: the CPU always runs float32."""
+    import torch
+
+    if device.type != "cuda":
+        return torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]

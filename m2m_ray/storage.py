@@ -9,8 +9,10 @@ or written to configs; both libraries take them from the environment / AWS profi
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import shutil
 import uuid
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -19,6 +21,7 @@ import fsspec
 
 if TYPE_CHECKING:
     import pyarrow.fs
+    from pydantic import BaseModel
 
     from m2m_ray.config import StorageConfig
 
@@ -174,3 +177,40 @@ def expand_inputs(patterns: list[str], storage: "StorageConfig | None" = None) -
             )
         found.extend(f"s3://{m}" if scheme == "s3" else m for m in matches)
     return sorted(dict.fromkeys(found))
+
+
+def put_file(local_path: str, uri: str, storage: "StorageConfig | None" = None) -> None:
+    """Move a finished local file to ``uri`` without a window where a partial file shows: one
+    object PUT on S3 (visible only once complete), copy + atomic rename locally."""
+    fs, path = fsspec_filesystem(uri, storage)
+    if is_remote(uri):
+        fs.put_file(local_path, path)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.partial"
+    shutil.copyfile(local_path, tmp)  # may cross filesystems; the rename below is atomic
+    os.replace(tmp, path)
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike,
+                 storage: "StorageConfig | None" = None) -> None:
+    """Copy the folder ``uri`` (local or s3://) and everything under it into ``local_dir``."""
+    fs, path = fsspec_filesystem(uri, storage)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"no folder at {uri}; check the path (and, for s3://, the "
+                                "endpoint and credentials)")
+    fs.get(path.rstrip("/") + "/", str(local_dir).rstrip("/") + "/", recursive=True)
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str,
+               storage: "StorageConfig | None" = None) -> None:
+    """Copy the local folder ``local_dir`` and everything under it to the folder ``uri``."""
+    fs, path = fsspec_filesystem(uri, storage)
+    fs.put(str(local_dir).rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+
+
+def save_config(cfg: "BaseModel", uri: str, storage: "StorageConfig | None" = None) -> None:
+    """Write a resolved config as JSON beside an output, ``{"config_class", "config"}`` (configs
+    hold no credentials); the one format of every saved config: shards, generations, checkpoints."""
+    payload = {"config_class": type(cfg).__name__, "config": cfg.model_dump(mode="json")}
+    write_bytes(uri, json.dumps(payload, indent=2).encode(), storage)

@@ -26,11 +26,11 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
-from m2m_ray.config import BuildMISConfig, config_to_yaml, load_config  # noqa: E402
+from m2m_ray.config import config_to_yaml, load_config  # noqa: E402
 from m2m_ray.mis.build import run_generate_stage  # noqa: E402
 from m2m_ray.mis.captions import run_captions_stage  # noqa: E402
+from m2m_ray.mis.config import BuildMISConfig  # noqa: E402
 from m2m_ray.runtime import init_ray  # noqa: E402
-
 
 STAGES: dict[str, Callable[[BuildMISConfig], dict[str, Any]]] = {
     "captions": run_captions_stage,

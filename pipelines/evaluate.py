@@ -8,10 +8,10 @@ Offline on the tiny preset (random models; see the YAML for how its inputs are m
     python pipelines/evaluate.py --config configs/tiny/evaluate.yaml
 
 Or evaluate an existing generations folder (written by pipelines/generate.py, format in
-m2m_ray/eval/generations.py), e.g. with tiny random extractors (their numbers mean nothing):
+m2m_ray/formats/generations.py), e.g. with tiny random extractors (their numbers mean nothing):
 
     python pipelines/evaluate.py --generations=outputs/tiny/generations --extractors.kind=tiny \\
-        --num_gpus=0
+        --actors.num_gpus=0
 
 With the real Inception and CLIP weights (downloaded once, or local paths / s3:// copies):
 
@@ -23,8 +23,8 @@ On a cluster (RAY_ADDRESS is set for the job, which joins that cluster):
 
     ray job submit --working-dir . -- python pipelines/evaluate.py --config configs/<file>.yaml \\
         --generate.model_path=s3://bucket/m2m-self --generate.inputs.mis_uri=s3://bucket/mis \\
-        --generate.output_uri=s3://bucket/gens --generate.num_gpus=1 --generate.max_actors=8 \\
-        --max_sets=1000 --max_actors=8
+        --generate.output_uri=s3://bucket/gens --generate.actors.num_gpus=1 \\
+        --generate.actors.max_actors=8 --protocol.max_sets=1000 --actors.max_actors=8
 
 Any EvalConfig key can be overridden as --section.key=value (values are YAML; --generate=null drops
 the section). Writes report.json, report.md and report.png to output_uri (default
@@ -40,10 +40,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
-from m2m_ray.config import EvalConfig, config_to_yaml, load_config  # noqa: E402
+from m2m_ray.config import config_to_yaml, load_config  # noqa: E402
+from m2m_ray.eval.config import EvalConfig  # noqa: E402
 from m2m_ray.eval.job import evaluate_generations  # noqa: E402
+from m2m_ray.eval.protocol import generation_for_eval
 from m2m_ray.runtime import init_ray  # noqa: E402
-from m2m_ray.sampling.job import generation_for_eval, run_generate  # noqa: E402
+from m2m_ray.sampling.job import run_generate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -17,11 +17,11 @@ Real-image sets from MSCOCO by category (paper §8.3 zero-shot), on a cluster wi
         --config configs/tiny/generate.yaml --model_path=s3://bucket/m2m-self \\
         --inputs.mis_uri=null \\
         --inputs.coco_annotations=s3://bucket/coco/annotations/instances_val2017.json \\
-        --inputs.context_images=4 --output_uri=s3://bucket/gens/coco --max_actors=8 \\
-        --num_gpus=1 --sample.num_images=10
+        --inputs.context_images=4 --output_uri=s3://bucket/gens/coco --actors.max_actors=8 \\
+        --actors.num_gpus=1 --sample.num_images=10
 
 Any GenerateJobConfig key can be overridden as --section.key=value (values are YAML). Writes the
-generations folder of m2m_ray/eval/generations.py (images/<set>/..., generations.jsonl),
+generations folder of m2m_ray/formats/generations.py (images/<set>/..., generations.jsonl),
 contact_sheet.png (inputs → generated), summary.json and generate_config.json to output_uri;
 pipelines/evaluate.py --generations=<output_uri> evaluates it.
 """
@@ -35,8 +35,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
-from m2m_ray.config import GenerateJobConfig, config_to_yaml, load_config  # noqa: E402
+from m2m_ray.config import config_to_yaml, load_config  # noqa: E402
 from m2m_ray.runtime import init_ray  # noqa: E402
+from m2m_ray.sampling.config import GenerateJobConfig  # noqa: E402
 from m2m_ray.sampling.job import run_generate  # noqa: E402
 
 

@@ -26,8 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
-from m2m_ray.config import TrainConfig, config_to_yaml, load_config  # noqa: E402
+from m2m_ray.config import config_to_yaml, load_config  # noqa: E402
 from m2m_ray.runtime import init_ray  # noqa: E402
+from m2m_ray.train.config import TrainConfig  # noqa: E402
 from m2m_ray.train.trainer import run_training  # noqa: E402
 
 

@@ -22,10 +22,10 @@ from typing import Callable
 
 import pytest
 import yaml
-
 from conftest import ray_turn
-from m2m_ray.cluster import validate_cluster_yaml
 from ray_head import RayHead, free_port, start_head, wait_for_job
+
+from m2m_ray.cluster import validate_cluster_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_YAML = ROOT / "cluster/local/fake-multinode.yaml"
@@ -107,14 +107,14 @@ def _build_mis(out: Path) -> str:
     """pipelines/build_mis.py on the tiny preset; its generation actors ask for a GPU and the
     generation node type's resource, as configs/build_mis.yaml does on a real cluster."""
     return ("python pipelines/build_mis.py --config configs/tiny/build_mis.yaml "
-            f"--output_uri={out} --stages='[captions, generate]' --generate.num_gpus=1 "
-            "--generate.resources='{gen_gpu: 1}' --generate.min_actors=1 "
-            "--generate.max_actors=2 --generate.images_per_caption=4 "
+            f"--output_uri={out} --stages='[captions, generate]' --generate.actors.num_gpus=1 "
+            "--generate.actors.resources='{gen_gpu: 1}' --generate.actors.min_actors=1 "
+            "--generate.actors.max_actors=2 --generate.images_per_caption=4 "
             "--generate.num_inference_steps=2")
 
 
 def _check_build_mis(logs: str, out: Path, gpu_nodes: dict[str, dict[str, float]]) -> None:
-    from m2m_ray.mis.shards import MISLayout
+    from m2m_ray.formats.mis import MISLayout
     from m2m_ray.mis.verify import verify_mis
 
     assert "== stage generate done" in logs, logs[-3000:]

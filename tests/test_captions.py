@@ -14,11 +14,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from m2m_ray import storage
-from m2m_ray.config import BuildMISConfig, ModelConfig
-from m2m_ray.mis import ids
-from m2m_ray.mis.captions import load_shard_captions, read_captions_stats, run_captions_stage
-from m2m_ray.mis.captions_read import (count_range_lines, iter_unit_lines, plan_ranges,
-                                       plan_shard_units, ranges_needing_count)
+from m2m_ray.formats import ids
+from m2m_ray.mis.captions import (
+    load_shard_captions,
+    read_captions_stats,
+    run_captions_stage,
+)
+from m2m_ray.mis.captions_read import (
+    count_range_lines,
+    iter_unit_lines,
+    plan_ranges,
+    plan_shard_units,
+    ranges_needing_count,
+)
+from m2m_ray.mis.config import BuildMISConfig
+from m2m_ray.models.config import ModelConfig
 from m2m_ray.models.presets import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +91,7 @@ def config(output: str, inputs: list[str], **captions) -> BuildMISConfig:
     return BuildMISConfig(
         output_uri=output, stages=["captions"], model={"preset": "tiny"},
         captions={"inputs": inputs, "lines_per_shard": 4, "batch_size": 5,
-                  "test_fraction": 0.3, "max_actors": 2, **captions},
+                  "test_fraction": 0.3, "actors": {"max_actors": 2}, **captions},
     )
 
 
@@ -213,7 +223,7 @@ def test_verdicts_ids_and_bytes_across_ranges_gzip_and_dedup(ray_cluster, tokeni
     argv = ["--config", str(ROOT / "configs/tiny/build_mis.yaml"), f"--output_uri={out2}",
             "--stages=[captions]", f"--captions.inputs=[{plain}]", "--captions.dedup=true",
             "--captions.range_bytes=1048576", "--captions.lines_per_shard=4",
-            "--captions.batch_size=5", "--captions.test_fraction=0.3", "--captions.max_actors=2"]
+            "--captions.batch_size=5", "--captions.test_fraction=0.3", "--captions.actors.max_actors=2"]
     main(argv)
     kept2, rejects2, _ = check_output(out2, rows, [str(plain)], dedup=True, tokenizer=tokenizer)
     duplicate_lines = {n for n, (_, _, reason) in enumerate(rows, 1) if reason == "duplicate"}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m2m_ray.config import EvalExtractorsConfig
+from m2m_ray.eval.config import EvalExtractorsConfig
 from m2m_ray.eval.extractors import Extractors, clip_pixels, load_clip, tiny_clip
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from m2m_ray.config import StorageConfig
-from m2m_ray.eval import generations as gen
+from m2m_ray.formats import generations as gen
 
 
 def _images(rng, n, size=(24, 32)):

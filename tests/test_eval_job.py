@@ -13,9 +13,14 @@ import pytest
 import scipy.linalg
 from PIL import Image
 
-from m2m_ray.config import EvalConfig, EvalExtractorsConfig
-from m2m_ray.eval import generations as gen
-from m2m_ray.eval.job import EvalInputError, SetFeatureExtractor, is_split_of, select_sets
+from m2m_ray.eval.config import EvalConfig, EvalExtractorsConfig
+from m2m_ray.eval.job import (
+    EvalInputError,
+    SetFeatureExtractor,
+    is_split_of,
+    select_sets,
+)
+from m2m_ray.formats import generations as gen
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "pipelines"))
 
@@ -59,7 +64,8 @@ def _write_folder(root: str) -> list[gen.GenerationSet]:
 
 def _cfg(**overrides) -> EvalConfig:
     return EvalConfig.model_validate({
-        "context_images": K, "generated_images": M, "is_splits": 3, "num_gpus": 0,
+        "protocol": {"context_images": K, "generated_images": M}, "is_splits": 3,
+        "actors": {"num_gpus": 0},
         "extractors": {"kind": "tiny", "tiny_seed": TINY_SEED}} | overrides)
 
 
@@ -143,9 +149,9 @@ def test_evaluate_pipeline_end_to_end(folder, ray_local, tmp_path):
     root, records = folder
     out = str(tmp_path / "eval")
     report = evaluate.main([
-        f"--generations={root}", f"--output_uri={out}", f"--context_images={K}",
-        f"--generated_images={M}", "--is_splits=3", "--num_gpus=0", "--num_cpus=1",
-        "--max_actors=2", "--sets_per_batch=8", "--reduce_batch_rows=48",
+        f"--generations={root}", f"--output_uri={out}", f"--protocol.context_images={K}",
+        f"--protocol.generated_images={M}", "--is_splits=3", "--actors.num_gpus=0",
+        "--actors.num_cpus=1", "--actors.max_actors=2", "--sets_per_batch=8", "--reduce_batch_rows=48",
         "--extractors.kind=tiny", f"--extractors.tiny_seed={TINY_SEED}"])
 
     # Every bad set is accounted for, with its reason; the split is stated.

@@ -9,8 +9,16 @@ import pytest
 import scipy.linalg
 import torch
 
-from m2m_ray.eval.stats import (ClassProbStats, GaussianMoments, GroupStats, ScalarStats,
-                                clip_score, fid_from_moments, frechet_distance, softmax64)
+from m2m_ray.eval.stats import (
+    ClassProbStats,
+    GaussianMoments,
+    GroupStats,
+    ScalarStats,
+    clip_score,
+    fid_from_moments,
+    frechet_distance,
+    softmax64,
+)
 
 
 def _random_cov(rng: np.random.Generator, dim: int) -> np.ndarray:

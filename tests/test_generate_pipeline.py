@@ -14,11 +14,11 @@ import skimage.data
 import torch
 from PIL import Image
 
-from m2m_ray.config import M2MConfig, ModelConfig
 from m2m_ray.data.image_inputs import ImageInputError
-from m2m_ray.eval import generations as gen
-from m2m_ray.mis.ids import caption_id
-from m2m_ray.mis.shards import MISLayout, SetRecord, ShardWriter
+from m2m_ray.formats import generations as gen
+from m2m_ray.formats.ids import caption_id
+from m2m_ray.formats.mis import MISLayout, SetRecord, ShardWriter
+from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.sampling.pipeline import M2MPipeline
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "pipelines"))
@@ -158,8 +158,8 @@ def test_ray_batch_generation_of_coco_sets(ray_local, tmp_path, model_dir):
     out = tmp_path / "coco_gens"
     summary = generate.main([
         f"--inputs.coco_annotations={_coco(tmp_path)}", "--inputs.context_images=2",
-        f"--output_uri={out}", f"--model_path={model_dir}", "--engine=ray", "--num_gpus=0",
-        "--min_actors=1", "--max_actors=2", "--sets_per_batch=1", *FAST])
+        f"--output_uri={out}", f"--model_path={model_dir}", "--engine=ray", "--actors.num_gpus=0",
+        "--actors.min_actors=1", "--actors.max_actors=2", "--sets_per_batch=1", *FAST])
     assert summary["engine"] == "ray" and summary["sets"] == 2
     [skipped] = summary["skipped"]
     assert skipped["set_id"] == "coco-1-000" and "broken.jpg" in skipped["reason"]
@@ -174,16 +174,16 @@ def test_ray_batch_generation_of_coco_sets(ray_local, tmp_path, model_dir):
 
 
 def _eval_cfg(**overrides):
-    from m2m_ray.config import EvalConfig
+    from m2m_ray.eval.config import EvalConfig
 
     return EvalConfig.model_validate({
-        "context_images": 3, "generated_images": 5, "max_sets": 7,
+        "protocol": {"context_images": 3, "generated_images": 5, "max_sets": 7},
         "generate": {"output_uri": "/tmp/g", "inputs": {"mis_uri": "/tmp/mis"}}} | overrides)
 
 
 def test_generation_for_eval_takes_the_protocol_from_the_evaluation():
     from m2m_ray.config import ConfigError
-    from m2m_ray.sampling.job import generation_for_eval
+    from m2m_ray.eval.protocol import generation_for_eval
 
     job = generation_for_eval(_eval_cfg())
     assert (job.inputs.context_images, job.sample.num_images, job.inputs.max_sets,
@@ -191,12 +191,12 @@ def test_generation_for_eval_takes_the_protocol_from_the_evaluation():
     agreeing = {"output_uri": "/g", "inputs": {"mis_uri": "/m", "context_images": 3}}
     assert generation_for_eval(_eval_cfg(generate=agreeing)).inputs.context_images == 3
     clash = {"output_uri": "/g", "inputs": {"mis_uri": "/m"}, "sample": {"num_images": 10}}
-    with pytest.raises(ConfigError, match="generate.sample.num_images = 10 but generated_images = 5"):
+    with pytest.raises(ConfigError, match="generate.sample.num_images = 10 but protocol.generated_images = 5"):
         generation_for_eval(_eval_cfg(generate=clash))
     coco = {"output_uri": "/g", "inputs": {"coco_annotations": "/c/instances_val.json"}}
-    with pytest.raises(ConfigError, match="expected_split=null"):
+    with pytest.raises(ConfigError, match="protocol.split=null"):
         generation_for_eval(_eval_cfg(generate=coco))
-    assert generation_for_eval(_eval_cfg(generate=coco, expected_split=None)).inputs.mis_split is None
+    assert generation_for_eval(_eval_cfg(generate=coco, protocol={"split": None})).inputs.mis_split is None
     with pytest.raises(ConfigError, match="no generate section"):
         generation_for_eval(_eval_cfg(generate=None))
 
@@ -214,9 +214,9 @@ def test_generate_then_evaluate_end_to_end(ray_local, tmp_path, model_dir):
     report = evaluate.main([
         "--config", config, f"--generate.model_path={model_dir}",
         f"--generate.inputs.mis_uri={tmp_path / 'mis'}", f"--generate.output_uri={gens}",
-        "--context_images=2", "--generated_images=2", "--max_sets=3",
+        "--protocol.context_images=2", "--protocol.generated_images=2", "--protocol.max_sets=3",
         "--generate.sample.num_inference_steps=2", "--generate.sets_per_batch=2",
-        "--generate.max_actors=1", "--max_actors=1"])
+        "--generate.actors.max_actors=1", "--actors.max_actors=1"])
     records = gen.read_generations(str(gens))
     assert [int(r.set_id) for r in records] == test_ids[:3]  # the first 3 test sets, by caption_id
     assert all(len(r.context) == 2 and len(r.generated) == 2 for r in records)

@@ -2,8 +2,9 @@ import logging
 
 import pytest
 import torch
+from tiny_models import randomize_new_projections
 
-from m2m_ray.config import M2MConfig, ModelConfig
+from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.models.image_set_attention import (
     ImageSetAttnProcessor,
     SelfAttnProcessor,
@@ -12,7 +13,6 @@ from m2m_ray.models.image_set_attention import (
     visible_context,
 )
 from m2m_ray.models.m2m_unet import M2MUNet
-from tiny_models import randomize_new_projections
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

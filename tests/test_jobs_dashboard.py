@@ -70,7 +70,7 @@ def test_build_mis_job_submitted_with_cli_and_listed_by_dashboard(ray_head, tmp_
 @pytest.mark.ray
 @pytest.mark.timeout(360)
 def test_train_job_submitted_with_cli_writes_a_checkpoint(ray_head, tmp_path):
-    from m2m_ray.data.synthetic_mis import write_synthetic_mis
+    from m2m_ray.mis.synthetic import write_synthetic_mis
 
     mis = tmp_path / "mis"
     write_synthetic_mis(str(mis), num_shards=2, sets_per_shard=2, formats=("parquet",))
@@ -80,7 +80,7 @@ def test_train_job_submitted_with_cli_writes_a_checkpoint(ray_head, tmp_path):
         "python", "pipelines/train.py", "--config", "configs/tiny/train.yaml",
         f"--data.uri={mis}", f"--storage_path={tmp_path / 'runs'}",
         f"--export_uri={tmp_path / 'model'}", "--run_name=job", "--max_steps=2",
-        "--checkpoint.every_steps=2", "--log_every_steps=2", "--samples.steps=2", timeout_s=300)
+        "--checkpoint.every_steps=2", "--log_every_steps=2", "--samples.sample.num_inference_steps=2", timeout_s=300)
     log = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0 and f"Job '{submission_id}' succeeded" in log, log[-5000:]
     assert "# summary" in log and '"step": 2' in log, log[-5000:]

@@ -2,14 +2,14 @@ import json
 
 import pytest
 import torch
+from tiny_models import randomize_new_projections
 
-from m2m_ray.config import M2MConfig, ModelConfig
 from m2m_ray.models import presets
+from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.models.context import DinoEncoder
 from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.models.image_set_attention import visible_context
 from m2m_ray.models.m2m_unet import M2MUNet
-from tiny_models import randomize_new_projections
 
 TINY = ModelConfig(preset="tiny")
 B, N, LATENT = 2, 3, (4, 8, 8)

@@ -18,14 +18,14 @@ import pytest
 from PIL import Image
 
 from m2m_ray import storage
-from m2m_ray.config import BuildMISConfig, StorageConfig
-from m2m_ray.data.mis import iter_mis, read_mis
+from m2m_ray.config import StorageConfig
+from m2m_ray.formats.ids import image_seed
+from m2m_ray.formats.mis import MISLayout, iter_mis, read_mis
 from m2m_ray.mis.build import run_generate_stage
 from m2m_ray.mis.captions import run_captions_stage
+from m2m_ray.mis.config import BuildMISConfig
 from m2m_ray.mis.generate import regenerate_set
-from m2m_ray.mis.ids import image_seed
 from m2m_ray.mis.preview import preview
-from m2m_ray.mis.shards import MISLayout
 from m2m_ray.mis.verify import main as verify_main
 from m2m_ray.mis.verify import verify_mis
 
@@ -46,8 +46,9 @@ def _write_tsv(path: Path) -> Path:
 
 def _config(tmp: Path, output_uri: str, **generate) -> BuildMISConfig:
     tsv = _write_tsv(tmp / "cc12m.tsv")
-    overrides = {"num_inference_steps": 3, "height": 64, "width": 64, "num_gpus": 0,
-                 "captions_per_batch": 2, "max_actors": 2, "images_per_caption": N_IMAGES,
+    overrides = {"num_inference_steps": 3, "height": 64, "width": 64,
+                 "actors": {"num_gpus": 0, "max_actors": 2},
+                 "captions_per_batch": 2, "images_per_caption": N_IMAGES,
                  **generate}
     return BuildMISConfig.model_validate({
         "output_uri": output_uri, "model": {"preset": "tiny"},
@@ -161,7 +162,8 @@ def test_killed_driver_rerun_equals_uninterrupted_run(built, ray_local, tmp_path
             f"--output_uri={out}", f"--captions.inputs=[{tsv}]", "--captions.lines_per_shard=3",
             "--captions.test_fraction=0.3", "--stages=[captions, generate]",
             "--generate.num_inference_steps=3", "--generate.height=64", "--generate.width=64",
-            "--generate.num_gpus=0", "--generate.captions_per_batch=2", "--generate.max_actors=1",
+            "--generate.actors.num_gpus=0", "--generate.captions_per_batch=2",
+            "--generate.actors.max_actors=1",
             f"--generate.images_per_caption={N_IMAGES}"]
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     first = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,

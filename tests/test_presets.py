@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from m2m_ray.config import ModelConfig
 from m2m_ray.models import presets
 from m2m_ray.models.clip_tokenizer import clip_tokenizer
+from m2m_ray.models.config import ModelConfig
 
 
 def test_tokenizer_ids_equal_clip():

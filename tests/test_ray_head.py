@@ -2,7 +2,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from ray_head import wait_for_job
 
 

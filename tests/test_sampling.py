@@ -4,16 +4,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import randomize_new_projections
 
-from m2m_ray.config import M2MConfig, ModelConfig
 from m2m_ray.models import presets
+from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.models.context import DinoEncoder
 from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.models.m2m_unet import M2MUNet
+from m2m_ray.sampling.config import SampleConfig
 from m2m_ray.sampling.guidance import Branch, combine, guidance_branches
 from m2m_ray.sampling.pipeline import M2MPipeline
 from m2m_ray.sampling.sampler import ContextState, GuidedDenoiser, sample
-from tiny_models import randomize_new_projections
 
 TINY = ModelConfig(preset="tiny")
 STEPS = 3
@@ -50,8 +51,10 @@ def _context(pipe: M2MPipeline, count: int, seed: int = 0) -> torch.Tensor:
 
 def _sample(pipe, context, num_images=2, seed=0, **kwargs):
     gens = [torch.Generator().manual_seed(seed + b) for b in range(context.shape[0])]
-    kwargs = {"num_inference_steps": STEPS, "context_window": 8, **kwargs}
-    return sample(pipe.unet, pipe.scheduler, pipe.codec, context, num_images, gens, **kwargs)
+    tasks = {key: kwargs.pop(key) for key in ("context_task", "target_task") if key in kwargs}
+    spec = SampleConfig(**{"num_images": num_images, "num_inference_steps": STEPS,
+                           "context_window": 8, **kwargs})
+    return sample(pipe.unet, pipe.scheduler, pipe.codec, context, gens, spec, **tasks)
 
 
 def test_guidance_weights_and_branch_pruning():
@@ -83,8 +86,9 @@ def test_outputs_count_size_mode_and_seeds(pipes):
     assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
     # Batched over sets of different sizes: each set as if alone (its own generator).
     sets = [photos, _photos(2, seed=1), []]
-    batched = pipe.generate(sets, num_images=2, num_inference_steps=STEPS, output_type="pt",
-                            generator=[torch.Generator().manual_seed(s) for s in (7, 3, 4)])
+    batched = pipe.generate(sets, SampleConfig(num_images=2, num_inference_steps=STEPS),
+                            [torch.Generator().manual_seed(s) for s in (7, 3, 4)],
+                            output_type="pt")
     assert batched.shape == (3, 2, 3, 64, 64)
     alone = pipe(sets[1], num_images=2, num_inference_steps=STEPS, output_type="pt",
                  generator=torch.Generator().manual_seed(3))

@@ -50,3 +50,24 @@ def test_s3_round_trip_fsspec_and_pyarrow(s3_bucket):
     fs2, path2 = storage.fsspec_filesystem(f"s3://{bucket}/t.parquet", cfg)
     with fs2.open(path2, "rb") as f:
         assert pq.read_table(f).column("x").to_pylist() == [1, 2, 3]
+
+
+@pytest.mark.timeout(120)
+def test_folder_copies_local_and_s3(tmp_path, s3_bucket):
+    """The one remote-folder copy (pipelines from s3://, fine-tune init_from, exports)."""
+    endpoint, bucket = s3_bucket
+    cfg = StorageConfig(endpoint_url=endpoint)
+    source = tmp_path / "model"
+    (source / "unet").mkdir(parents=True)
+    (source / "model_index.json").write_text("{}")
+    (source / "unet" / "weights.bin").write_bytes(b"\x00\x01")
+    storage.upload_dir(source, f"s3://{bucket}/exports/m", cfg)
+    assert storage.list_files(f"s3://{bucket}/exports/m/unet", cfg) == [
+        f"s3://{bucket}/exports/m/unet/weights.bin"]
+    storage.download_dir(f"s3://{bucket}/exports/m", tmp_path / "back", cfg)
+    assert (tmp_path / "back" / "unet" / "weights.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "back" / "model_index.json").read_text() == "{}"
+    storage.download_dir(str(source), tmp_path / "local", cfg)
+    assert (tmp_path / "local" / "unet" / "weights.bin").read_bytes() == b"\x00\x01"
+    with pytest.raises(FileNotFoundError, match="no folder at"):
+        storage.download_dir(f"s3://{bucket}/nothing-here", tmp_path / "x", cfg)

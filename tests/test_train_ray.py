@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from m2m_ray import storage
-from m2m_ray.config import StorageConfig, TrainConfig, load_config
-from m2m_ray.data.synthetic_mis import write_synthetic_mis
+from m2m_ray.config import StorageConfig, load_config
 from m2m_ray.data.training import build_stream_dataset, plan_stream
-from m2m_ray.mis.shards import MISLayout
+from m2m_ray.formats.mis import MISLayout
+from m2m_ray.mis.synthetic import write_synthetic_mis
 from m2m_ray.models.m2m_unet import WEIGHTS_NAME
+from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.state import latest_checkpoint, read_trainer_state
 from m2m_ray.train.trainer import run_training
 
@@ -31,7 +32,7 @@ def _config(tmp: Path, mis: str, name: str, *overrides: str) -> TrainConfig:
         f"--run_name={name}", f"--data.uri={mis}", f"--storage_path={tmp / 'runs'}",
         "--export_uri=null", f"--max_steps={STEPS}", "--log_every_steps=4",
         "--checkpoint.every_steps=4", "--checkpoint.num_to_keep=8", "--optim.lr=2e-3",
-        "--optim.warmup_steps=2", "--samples.steps=2", *overrides])
+        "--optim.warmup_steps=2", "--samples.sample.num_inference_steps=2", *overrides])
 
 
 def _losses(summary: dict) -> list[float]:

@@ -15,23 +15,35 @@ import pytest
 import torch
 from PIL import Image
 
-from m2m_ray.config import (M2MConfig, ModelConfig, OptimConfig, TrainConfig, ConfigError,
-                            load_config)
-from m2m_ray.data.mis import CorruptShardError
-from m2m_ray.data.synthetic_mis import write_synthetic_mis
-from m2m_ray.data.training import (StreamPosition, plan_stream, read_item, subset_indices,
-                                   use_stored_latents)
-from m2m_ray.mis.shards import PARQUET_SCHEMA, MISLayout
+from m2m_ray.config import ConfigError, load_config
+from m2m_ray.data.training import (
+    StreamPosition,
+    plan_stream,
+    read_item,
+    subset_indices,
+    use_stored_latents,
+)
+from m2m_ray.formats.mis import PARQUET_SCHEMA, CorruptShardError, MISLayout
+from m2m_ray.mis.synthetic import write_synthetic_mis
+from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.models.m2m_unet import M2MUNet
 from m2m_ray.models.presets import load_scheduler, load_vae
+from m2m_ray.sampling.config import SampleConfig
 from m2m_ray.train.build import build_model
 from m2m_ray.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from m2m_ray.train.config import OptimConfig, TrainConfig
 from m2m_ray.train.export import export_pipeline
 from m2m_ray.train.preview import sample_grid
 from m2m_ray.train.state import TrainerState
-from m2m_ray.train.step import (EMA, LRSchedule, TrainBatch, m2m_loss, make_optimizer,
-                                step_generator)
+from m2m_ray.train.step import (
+    EMA,
+    LRSchedule,
+    TrainBatch,
+    m2m_loss,
+    make_optimizer,
+    step_generator,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(preset="tiny")
@@ -129,6 +141,25 @@ def _corrupt_parquet_image(uri: str) -> int:
         table[0]["images"][image_index] = b"not an image"
     pq.write_table(pa.Table.from_pylist(table, schema=PARQUET_SCHEMA), uri)
     return table[0]["caption_id"]
+
+
+def test_training_reads_resize_exactly_as_inference_inputs(tmp_path):
+    """One square resize for training and inference (``fit_square``): a 96 px MIS image reaches
+    training as the same 64 px pixels that M2MPipeline.preprocess gives the sampler."""
+    from m2m_ray.formats.mis import iter_mis
+    from m2m_ray.sampling.pipeline import M2MPipeline
+
+    root = str(tmp_path / "mis96")
+    write_synthetic_mis(root, num_shards=1, sets_per_shard=2, size=96, keep_latents=False)
+    cfg = _cfg(root, tmp_path, data__latents="encode", data__split=None)
+    rows = _read(_stream(cfg), 0)
+    assert rows["pixels"].shape[-2:] == (64, 64)
+    images = {s["caption_id"]: s["images"] for s in iter_mis(root)}
+    pipe = M2MPipeline.from_preset(TINY)
+    for cid, indices, pixels in zip(rows["caption_id"], rows["indices"], rows["pixels"]):
+        decoded = [Image.open(io.BytesIO(images[int(cid)][i])) for i in indices]
+        expected = (pipe.preprocess(decoded) * 255).round().to(torch.uint8).numpy()
+        assert np.array_equal(pixels, expected)  # (N, 3, 64, 64), bit for bit
 
 
 def test_bad_data_errors_name_the_shard_or_are_skipped_and_counted(tmp_path):
@@ -255,7 +286,8 @@ def test_checkpoint_round_trip_continues_exactly_and_exports(mis, tmp_path):
     first = _fresh(cfg)
     _train(*first, steps=2)
     state = TrainerState(step=2, epoch=1, world_size=1, positions=[(3, 1)])
-    grid = sample_grid(first[3].model, load_vae(TINY), None, _batch().latents, 2, 2, 2, 3.0, 0)
+    spec = SampleConfig(num_images=2, num_inference_steps=2, guidance_scale=3.0)
+    grid = sample_grid(first[3].model, load_vae(TINY), None, _batch().latents, 2, spec, 0)
     assert Image.open(io.BytesIO(grid)).size == (4 * 64, 2 * 64)
     save_checkpoint(tmp_path / "ckpt", first[0], first[3], first[1], first[2], state, cfg,
                     [rng_state()], grid)
@@ -296,7 +328,7 @@ def test_configs_load_and_validate(tmp_path):
         cfg = load_config(TrainConfig, ROOT / f"configs/{name}.yaml")
         assert (cfg.m2m.variant, cfg.global_batch_size, cfg.model.preset) == (variant, 256,
                                                                               "sd21-base")
-        assert cfg.context_drop_prob == 0.1 and cfg.samples.steps == 50
+        assert cfg.context_drop_prob == 0.1 and cfg.samples.sample.num_inference_steps == 50
     tiny = load_config(TrainConfig, ROOT / "configs/tiny/train.yaml")
     assert tiny.model.preset == "tiny" and tiny.export_uri == "outputs/tiny/model"
     with pytest.raises(ConfigError, match="multiple of scaling.num_workers"):

@@ -36,18 +36,32 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
-from m2m_ray import storage
-from m2m_ray.config import ModelConfig, StorageConfig, TrainConfig
-from m2m_ray.data.mis import CorruptShardError, iter_webdataset_shard
-from m2m_ray.mis.shards import npy_to_latents
+from m2m_ray.config import StorageConfig
+from m2m_ray.data.config import TrainDataConfig
+from m2m_ray.data.image_inputs import fit_square
+from m2m_ray.formats.mis import CorruptShardError, iter_sets
+from m2m_ray.models.config import M2MConfig, ModelConfig
+from m2m_ray.runtime import actor_pool_args, task_pool_args
 
 log = logging.getLogger(__name__)
+
+class TrainRun(Protocol):
+    """What a stream reads of its training run (``m2m_ray.train.config.TrainConfig`` is one):
+    data/ never imports train/, the run's config is passed down as this."""
+
+    data: TrainDataConfig
+    model: ModelConfig
+    m2m: M2MConfig
+    storage: StorageConfig
+    seed: int
+    max_steps: int
+    global_batch_size: int
+
 
 # Reports one skipped set or shard: (kind "set" | "shard", shard URI, reason).
 BadDataReporter = Callable[[str, str, str], None]
@@ -100,12 +114,14 @@ class SetStream:
         return epoch, self.shards[order[slot]]
 
 
-def plan_stream(cfg: TrainConfig, shards: tuple[str, ...], mean_sets: float, stored_latents: bool,
+def plan_stream(cfg: TrainRun, shards: tuple[str, ...], mean_sets: float, stored_latents: bool,
                 rank: int, world_size: int, start: StreamPosition | None,
                 first_step: int) -> SetStream:
     """The stream of worker ``rank`` from ``start`` (None: its first item) to ``cfg.max_steps``;
     ``mean_sets``: mean sets per shard (all splits); ``stored_latents``: ``use_stored_latents``."""
-    from m2m_ray.models.presets import get_preset  # imports torch: not in every read task
+    from m2m_ray.models.presets import (
+        get_preset,  # imports torch: not in every read task
+    )
 
     data = cfg.data
     sets_needed = (cfg.max_steps - first_step) * cfg.global_batch_size // world_size
@@ -122,7 +138,7 @@ def plan_stream(cfg: TrainConfig, shards: tuple[str, ...], mean_sets: float, sto
         sets_per_block=data.sets_per_block, storage_cfg=cfg.storage)
 
 
-def use_stored_latents(cfg: TrainConfig, shards: tuple[str, ...]) -> bool:
+def use_stored_latents(cfg: TrainRun, shards: tuple[str, ...]) -> bool:
     """Whether the dataset's stored latents are used, decided once per dataset from its first
     readable set (``build_mis`` refuses to mix keep_latents settings in one dataset)."""
     from m2m_ray.models.presets import get_preset
@@ -133,7 +149,7 @@ def use_stored_latents(cfg: TrainConfig, shards: tuple[str, ...]) -> bool:
     first, where = None, shards[0]
     for where in shards:
         try:
-            first = next(_iter_sets(where, cfg.storage, want_images=False), None)
+            first = next(iter_sets(where, cfg.storage, want_images=False), None)
         except CorruptShardError:
             if cfg.data.on_bad_data == "error":
                 raise
@@ -150,21 +166,21 @@ def use_stored_latents(cfg: TrainConfig, shards: tuple[str, ...]) -> bool:
     return usable
 
 
-def build_stream_dataset(stream: SetStream, cfg: TrainConfig,
+def build_stream_dataset(stream: SetStream, cfg: TrainRun,
                          report_bad: BadDataReporter | None):
     """The Ray Dataset of one worker's stream (see the module docstring)."""
     import ray
 
     data = cfg.data
     ds = ray.data.range(stream.num_items, override_num_blocks=stream.num_items)
-    ds = ds.map_batches(read_item, batch_size=1, num_cpus=data.read_num_cpus,
+    ds = ds.map_batches(read_item, batch_size=1, **task_pool_args(data.read),
                         fn_kwargs={"stream": stream, "report_bad": report_bad})
     if not stream.use_stored_latents:
         ds = ds.map_batches(
             VaeEncoder, fn_constructor_kwargs={"model": cfg.model.model_dump(),
-                                               "use_gpu": data.vae_num_gpus > 0},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.vae_max_actors),
-            num_gpus=data.vae_num_gpus, num_cpus=data.vae_num_cpus, batch_size=data.vae_batch_size)
+                                               "num_gpus": data.vae_actors.num_gpus,
+                                               "batch_size": data.vae_batch_size * data.images_per_set},
+            batch_size=data.vae_batch_size, **actor_pool_args(data.vae_actors))
     return ds
 
 
@@ -182,7 +198,7 @@ def read_item(batch: dict[str, np.ndarray], stream: SetStream,
     rows: list[dict[str, Any]] = []
     row_number = -1
     try:
-        for sample in _iter_sets(uri, stream.storage_cfg, want_images=_wants_images(stream)):
+        for sample in iter_sets(uri, stream.storage_cfg, want_images=_wants_images(stream)):
             if stream.split is not None and sample["split"] != stream.split:
                 continue
             row_number += 1
@@ -252,53 +268,8 @@ def _decode(data: bytes, uri: str, cid: int, index: int) -> Image.Image:
 
 
 def _square(image: Image.Image, size: int) -> np.ndarray:
-    """Shorter side → ``size``, centre crop → uint8 ``[3, size, size]``."""
-    width, height = image.size
-    if (width, height) != (size, size):
-        scale = size / min(width, height)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # (3, size, size)
-
-
-# --- shard readers: one dict per set {caption_id, split, latents, images?} -----------------------
-
-
-def _iter_sets(uri: str, storage_cfg, want_images: bool) -> Iterator[dict[str, Any]]:
-    if uri.endswith(".parquet"):
-        yield from _iter_parquet_sets(uri, storage_cfg, want_images)
-    else:
-        for sample in iter_webdataset_shard(uri, storage_cfg):
-            yield {"caption_id": sample["caption_id"], "split": sample["split"],
-                   "latents": sample["latents"], "images": sample["images"]}
-
-
-def _iter_parquet_sets(uri: str, storage_cfg, want_images: bool) -> Iterator[dict[str, Any]]:
-    """Row group by row group, reading the images column only where needed: always with
-    ``want_images``, else only for row groups with sets that lack latents (column statistics)."""
-    fs, path = storage.pyarrow_filesystem(uri, storage_cfg)
-    try:
-        shard = pq.ParquetFile(fs.open_input_file(path))
-        latents_col = shard.schema_arrow.names.index("latents")
-    except Exception as err:
-        raise CorruptShardError(f"cannot read Parquet shard {uri}: {type(err).__name__}: {err}") \
-            from err
-    for group in range(shard.num_row_groups):
-        stats = shard.metadata.row_group(group).column(latents_col).statistics
-        missing_latents = stats is None or not stats.has_null_count or stats.null_count > 0
-        columns = ["caption_id", "split", "latents"]
-        if want_images or missing_latents:
-            columns.append("images")
-        try:
-            rows = shard.read_row_group(group, columns=columns).to_pylist()
-        except Exception as err:
-            raise CorruptShardError(f"cannot read row group {group} of Parquet shard {uri}: "
-                                    f"{type(err).__name__}: {err}") from err
-        for row in rows:
-            row["latents"] = None if row["latents"] is None else npy_to_latents(row["latents"])
-            yield row
+    """``fit_square`` (the same resize as inference inputs) → uint8 ``[3, size, size]``."""
+    return np.asarray(fit_square(image, size), dtype=np.uint8).transpose(2, 0, 1)
 
 
 # --- VAE encoding stage --------------------------------------------------------------------------
@@ -306,26 +277,23 @@ def _iter_parquet_sets(uri: str, storage_cfg, want_images: bool) -> Iterator[dic
 
 class VaeEncoder:
     """Ray Data actor: ``pixels`` uint8 ``[B, N, 3, R, R]`` → ``latents`` float16 ``[B, N, 4, R/8,
-    R/8]`` (posterior mean × scaling factor, the space SD's UNet denoises in)."""
+    R/8]`` (posterior mean × scaling factor, the space SD's UNet denoises in), through the
+    project's one VAE codec (``m2m_ray.models.codec.ImageCodec``)."""
 
-    def __init__(self, model: dict, use_gpu: bool):
-        import torch
-
+    def __init__(self, model: dict, num_gpus: float, batch_size: int):
+        from m2m_ray.models.codec import ImageCodec
         from m2m_ray.models.presets import load_vae
+        from m2m_ray.runtime import pick_device, torch_dtype
 
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.vae = load_vae(ModelConfig.model_validate(model), self.device, dtype)
+        device = pick_device(num_gpus, "data.vae_actors")
+        vae = load_vae(ModelConfig.model_validate(model), device, torch_dtype("bfloat16", device))
+        self.codec = ImageCodec(vae, vae_batch_size=batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        pixels = torch.from_numpy(batch.pop("pixels"))  # (B, N, 3, R, R) uint8
-        flat = pixels.flatten(0, 1).to(self.device, self.vae.dtype) / 127.5 - 1  # (B*N, 3, R, R)
-        with torch.inference_mode():
-            latents = self.vae.encode(flat).latent_dist.mean * self.vae.config.scaling_factor
-        latents = latents.float().cpu().unflatten(0, pixels.shape[:2])  # (B, N, 4, h, w)
-        batch["latents"] = latents.numpy().astype(np.float16)
+        pixels = torch.from_numpy(batch.pop("pixels")).float() / 255  # (B, N, 3, R, R) in [0, 1]
+        batch["latents"] = self.codec.encode(pixels).cpu().numpy().astype(np.float16)
         return batch
 
 

@@ -25,7 +25,8 @@ from torch import nn
 from m2m_ray.eval.inception import load_fid_inception
 
 if TYPE_CHECKING:
-    from m2m_ray.config import EvalExtractorsConfig, StorageConfig
+    from m2m_ray.config import StorageConfig
+    from m2m_ray.eval.config import EvalExtractorsConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

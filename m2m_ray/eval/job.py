@@ -26,11 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from m2m_ray.config import EvalConfig, config_to_dict
-from m2m_ray.eval import generations as gen
-from m2m_ray.eval.stats import (FrechetReference, GroupStats, clip_score, neg_entropy,
-                                softmax64)
-from m2m_ray.runtime import actor_pool_args
+from m2m_ray.config import config_to_dict
+from m2m_ray.eval.config import EvalConfig
+from m2m_ray.eval.stats import (
+    FrechetReference,
+    GroupStats,
+    clip_score,
+    neg_entropy,
+    softmax64,
+)
+from m2m_ray.formats import generations as gen
+from m2m_ray.runtime import actor_pool_args, pick_device
 
 SKIPPED = -1  # group of the rows that stand for a skipped set
 CONTEXT = 0   # group of the real preceding images; k = 1..M are the generated ones
@@ -50,7 +56,7 @@ def select_sets(sets: list[gen.GenerationSet],
                 cfg: EvalConfig) -> tuple[list[gen.GenerationSet], list[dict[str, str]]]:
     """Sets to evaluate and ``{set_id, kind, reason}`` of those that cannot be (checked from the
     index alone; unreadable images are found by the actors)."""
-    K, M = cfg.context_images, cfg.generated_images
+    K, M = cfg.protocol.context_images, cfg.protocol.generated_images
     selected, skipped = [], []
     for record in sets:
         problems = {}  # kind → detail
@@ -60,12 +66,12 @@ def select_sets(sets: list[gen.GenerationSet],
             problems["too few generated images"] = (f"{len(record.generated)} generated images "
                                                     f"< M = {M}")
         split = record.meta.get("split")
-        if cfg.expected_split and split is not None and split != cfg.expected_split:
-            problems["wrong split"] = f"split {split!r} != expected {cfg.expected_split!r}"
+        if cfg.protocol.split and split is not None and split != cfg.protocol.split:
+            problems["wrong split"] = f"split {split!r} != expected {cfg.protocol.split!r}"
         if problems:
             skipped.append({"set_id": record.set_id, "kind": " + ".join(problems),
                             "reason": "; ".join(problems.values())})
-        elif cfg.max_sets is None or len(selected) < cfg.max_sets:
+        elif cfg.protocol.max_sets is None or len(selected) < cfg.protocol.max_sets:
             selected.append(record)
     return selected, skipped
 
@@ -74,12 +80,11 @@ class SetFeatureExtractor:
     """Ray Data actor: a batch of sets → one row per image with features and CLIP scores."""
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
-        import torch
 
         from m2m_ray.eval.extractors import Extractors
 
         self.cfg = EvalConfig.model_validate(cfg_dict)
-        device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        device = pick_device(self.cfg.actors.num_gpus, "the evaluation actor pool")
         self.extractors = Extractors(self.cfg.extractors, device, self.cfg.storage)
         self.readers = ThreadPoolExecutor(self.cfg.read_threads)
 
@@ -108,8 +113,8 @@ class SetFeatureExtractor:
     def _clip_scores(self, images: list, captions: list) -> tuple[np.ndarray, np.ndarray]:
         """CLIP-T and CLIP-I per image, (S*(K+M),) each; NaN where not defined (context images,
         sets without a caption)."""
-        K, w = self.cfg.context_images, self.cfg.clip_score_weight
-        per_set = K + self.cfg.generated_images
+        K, w = self.cfg.protocol.context_images, self.cfg.clip_score_weight
+        per_set = K + self.cfg.protocol.generated_images
         clip_text = np.full((len(captions), per_set), np.nan)
         clip_image = np.full((len(captions), per_set), np.nan)
         if images:
@@ -126,7 +131,7 @@ class SetFeatureExtractor:
         return clip_text.reshape(-1), clip_image.reshape(-1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        K, M = self.cfg.context_images, self.cfg.generated_images
+        K, M = self.cfg.protocol.context_images, self.cfg.protocol.generated_images
         good, images, skipped = self._read_sets(batch)
         ext = self.extractors
         d, C, per_set = ext.feature_dim, ext.num_classes, K + M
@@ -220,7 +225,7 @@ def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any
         raise EvalInputError(f"{len(skipped)} of {len(sets)} sets in {generations_uri!r} cannot "
                              f"be evaluated ({listed}{' ...' if len(skipped) > 5 else ''}); "
                              "fix them or run with --on_bad_set=skip to count them as skipped")
-    K, M = cfg.context_images, cfg.generated_images
+    K, M = cfg.protocol.context_images, cfg.protocol.generated_images
     items = [{"set_id": s.set_id, "caption": s.caption,
               "context": [gen.image_uri(generations_uri, p) for p in s.context[-K:]],
               "generated": [gen.image_uri(generations_uri, p) for p in s.generated[:M]]}
@@ -229,7 +234,7 @@ def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any
     if items:
         features = ray.data.from_items(items).map_batches(
             SetFeatureExtractor, fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg)},
-            batch_size=cfg.sets_per_batch, batch_format="numpy", **actor_pool_args(cfg))
+            batch_size=cfg.sets_per_batch, batch_format="numpy", **actor_pool_args(cfg.actors))
         partials = features.sort("group").map_batches(
             reduce_partials, fn_kwargs={"is_splits": cfg.is_splits},
             batch_size=cfg.reduce_batch_rows, batch_format="numpy")

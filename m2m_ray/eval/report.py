@@ -20,7 +20,8 @@ from m2m_ray import storage as st
 from m2m_ray.config import config_to_dict
 
 if TYPE_CHECKING:
-    from m2m_ray.config import EvalConfig, StorageConfig
+    from m2m_ray.config import StorageConfig
+    from m2m_ray.eval.config import EvalConfig
 
 METRICS = [  # key in a per-k row, column title, better
     ("fid", "FID", "↓"),
@@ -57,11 +58,11 @@ def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
             "skip_reasons": dict(Counter(s["kind"] for s in skipped)),
             "skipped": skipped[:MAX_LISTED_SKIPS],
             "split": splits,
-            "expected_split": cfg.expected_split,
+            "expected_split": cfg.protocol.split,
         },
         "protocol": {
-            "context_images": cfg.context_images,
-            "generated_images": cfg.generated_images,
+            "context_images": cfg.protocol.context_images,
+            "generated_images": cfg.protocol.generated_images,
             "fid": "k-th generated image of every set vs the K context images of every set; "
                    "Inception pool features, unbiased covariances",
             "is": f"{cfg.is_splits} splits by a hash of set_id; mean ± std (ddof 0) over "

@@ -1,9 +1,9 @@
 """MIS stage 2: fan pending caption shards over SD generator actors into committed shards.
 
-Ray is a thin distributor here (STYLE.md, img2dataset's lesson): the work unit is one caption shard of
-stage 1; a ``ShardWorker`` actor (one SD pipeline each, ``num_gpus`` from config) generates the whole
+Ray is a thin distributor here (img2dataset's lesson): the work unit is one caption shard of
+stage 1; a ``ShardWorker`` actor (one SD pipeline each, resources from ``generate.actors``) generates the whole
 shard, encodes images on a thread pool while the GPU denoises the next batch, writes the shard's files
-and commits them (``shards.ShardWriter``). The driver only lists pending shards and starts rounds:
+and commits them (``m2m_ray.formats.mis.ShardWriter``). The driver only lists pending shards and starts rounds:
 
 - a shard whose stats file exists is committed and never redone;
 - an actor that dies mid-shard is restarted by Ray Data, which retries its task (the shard starts over
@@ -25,11 +25,13 @@ import numpy as np
 import ray
 
 from m2m_ray import storage
-from m2m_ray.config import BuildMISConfig, config_to_dict, save_config
+from m2m_ray.config import config_to_dict
+from m2m_ray.formats.mis import MISLayout, ShardWriter, write_manifest
 from m2m_ray.mis.captions import load_shard_captions, read_captions_stats
+from m2m_ray.mis.config import BuildMISConfig
 from m2m_ray.mis.generate import SDSetGenerator, encoded_sets
-from m2m_ray.mis.shards import MISLayout, ShardWriter, write_manifest
 from m2m_ray.runtime import actor_pool_args
+from m2m_ray.storage import save_config
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +124,9 @@ def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
     _check_settings(layout, cfg)
     save_config(cfg, layout.config, cfg.storage)
     gen = cfg.generate
-    if gen.num_gpus > 0 and not ray.cluster_resources().get("GPU"):
-        log.warning("generate.num_gpus=%s but the cluster has no GPU yet: the actors wait for "
-                    "an autoscaler to add GPU nodes", gen.num_gpus)
+    if gen.actors.num_gpus > 0 and not ray.cluster_resources().get("GPU"):
+        log.warning("generate.actors.num_gpus=%s but the cluster has no GPU yet: the actors wait for "
+                    "an autoscaler to add GPU nodes", gen.actors.num_gpus)
     start = time.perf_counter()
     generated = {"sets": 0, "images": 0, "shards": 0}
     for attempt in range(1, gen.max_shard_attempts + 1):
@@ -139,7 +141,7 @@ def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
             fn_constructor_kwargs={"cfg": config_to_dict(cfg)},
             batch_size=1,
             # 2 in flight: an actor starts its next shard the moment one commits
-            **actor_pool_args(gen, work_units=len(pending), tasks_in_flight=2),
+            **actor_pool_args(gen.actors, work_units=len(pending), tasks_in_flight=2),
         )
         try:
             for row in results.iter_rows():

@@ -41,14 +41,28 @@ import pyarrow.parquet as pq
 
 import m2m_ray
 from m2m_ray import storage
-from m2m_ray.config import config_to_dict, save_config
-from m2m_ray.mis.captions_filter import (REASONS, FilterCaptions, mark_duplicates,
-                                         shard_captions_uri, tokenizer_definition, write_shards)
-from m2m_ray.mis.captions_read import (ReadUnit, count_range_lines, plan_ranges,
-                                       plan_shard_units, ranges_needing_count)
+from m2m_ray.config import config_to_dict
+from m2m_ray.mis.captions_filter import (
+    REASONS,
+    FilterCaptions,
+    mark_duplicates,
+    shard_captions_uri,
+    tokenizer_definition,
+    write_shards,
+)
+from m2m_ray.mis.captions_read import (
+    ReadUnit,
+    count_range_lines,
+    plan_ranges,
+    plan_shard_units,
+    ranges_needing_count,
+)
+from m2m_ray.runtime import actor_pool_args
+from m2m_ray.storage import save_config
 
 if TYPE_CHECKING:
-    from m2m_ray.config import BuildMISConfig, StorageConfig
+    from m2m_ray.config import StorageConfig
+    from m2m_ray.mis.config import BuildMISConfig
 
 STATS_NAME = "captions_stats.json"
 CONFIG_NAME = "captions_config.json"
@@ -86,7 +100,7 @@ def _plan_units(cfg: "BuildMISConfig", files: list[str]) -> list[ReadUnit]:
         # Counting newlines is I/O-bound and fast: a few ranges per task keep overheads low.
         counted = _units_dataset(to_count, 2 * _cluster_cpus()).map_batches(
             count_lines, batch_size=None, batch_format="pyarrow",
-            fn_kwargs={"storage_cfg": cfg.storage}, num_cpus=cfg.captions.num_cpus,
+            fn_kwargs={"storage_cfg": cfg.storage}, num_cpus=cfg.captions.actors.num_cpus,
         ).take_all()
         counts = {(r["file_index"], r["range_index"]): r["lines"] for r in counted}
     return plan_shard_units(ranges, counts, cfg.captions.lines_per_shard)
@@ -145,8 +159,6 @@ def _aggregate(shard_rows: list[dict[str, Any]], files: list[str]) -> dict[str, 
 def run_captions_stage(cfg: "BuildMISConfig") -> dict[str, Any]:
     """Run stage 1 on the current Ray (``m2m_ray.runtime.init_ray`` starts or joins one) and
     return the stats that it writes to ``captions_stats.json``."""
-    from ray.data import ActorPoolStrategy
-
     started = time.perf_counter()
     files = storage.expand_inputs(cfg.captions.inputs, cfg.storage)
     _clear_previous_run(cfg.output_uri, cfg.storage)
@@ -159,13 +171,11 @@ def run_captions_stage(cfg: "BuildMISConfig") -> dict[str, Any]:
 
     shard_rows: list[dict[str, Any]] = []
     if units:  # else only empty files
-        actors = max(1, min(len(units), cfg.captions.max_actors
-                            or int(_cluster_cpus() / cfg.captions.num_cpus)))
+        pool = cfg.captions.actors
         ds = _units_dataset(units, len(units)).map_batches(
             FilterCaptions, batch_size=1, batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=1, max_size=cfg.captions.max_actors,
-                                      initial_size=actors),
-            num_cpus=cfg.captions.num_cpus,
+            **actor_pool_args(pool, work_units=len(units),
+                              initial_actors=int(_cluster_cpus() / pool.num_cpus)),
             fn_constructor_kwargs={"tokenizer": tokenizer_json,
                                    "captions": cfg.captions,
                                    "storage_cfg": cfg.storage, "output_uri": cfg.output_uri,
@@ -173,9 +183,9 @@ def run_captions_stage(cfg: "BuildMISConfig") -> dict[str, Any]:
         )
         if cfg.captions.dedup:
             ds = ds.groupby("dedup_bucket", num_partitions=len(units)).map_groups(
-                mark_duplicates, batch_format="pyarrow", num_cpus=cfg.captions.num_cpus,
+                mark_duplicates, batch_format="pyarrow", num_cpus=cfg.captions.actors.num_cpus,
             ).groupby("shard_id", num_partitions=len(units)).map_groups(
-                write_shards, batch_format="pyarrow", num_cpus=cfg.captions.num_cpus,
+                write_shards, batch_format="pyarrow", num_cpus=cfg.captions.actors.num_cpus,
                 fn_kwargs={"output_uri": cfg.output_uri, "storage_cfg": cfg.storage,
                            "files": files},
             )

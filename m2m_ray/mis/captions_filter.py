@@ -21,11 +21,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from m2m_ray import storage
-from m2m_ray.mis import ids
+from m2m_ray.formats import ids
 from m2m_ray.mis.captions_read import ReadUnit, iter_unit_lines
 
 if TYPE_CHECKING:
-    from m2m_ray.config import CaptionsConfig, ModelConfig, StorageConfig
+    from m2m_ray.config import StorageConfig
+    from m2m_ray.mis.config import CaptionsConfig
+    from m2m_ray.models.config import ModelConfig
 
 REASONS = ("undecodable", "malformed", "empty", "too_long", "duplicate")
 
@@ -85,7 +87,7 @@ class FilterCaptions:
                  storage_cfg: "StorageConfig | None", output_uri: str, files: list[str],
                  dedup_buckets: int):
         # The tokenizer's Rust thread pool: as many threads as CPUs this worker reserved.
-        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, int(captions.num_cpus))))
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, int(captions.actors.num_cpus))))
         self.encoder = token_counter(tokenizer)
         self.cfg = captions
         self.storage_cfg = storage_cfg

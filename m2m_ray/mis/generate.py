@@ -18,7 +18,6 @@ import functools
 import io
 import logging
 import time
-import warnings
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -26,26 +25,17 @@ import torch
 from PIL import Image
 
 import m2m_ray
-from m2m_ray.config import GenerateConfig, ModelConfig
-from m2m_ray.mis.ids import image_seed
-from m2m_ray.mis.shards import IMAGE_EXTENSIONS, SetRecord, latents_to_npy
+from m2m_ray.formats.ids import image_seed
+from m2m_ray.formats.mis import IMAGE_EXTENSIONS, SetRecord, latents_to_npy
+from m2m_ray.mis.config import GenerateConfig
 from m2m_ray.models import presets
+from m2m_ray.models.codec import ImageCodec
+from m2m_ray.models.config import ModelConfig
+from m2m_ray.runtime import pick_device, torch_dtype
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _PIL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "png": "PNG"}
-
-
-def pick_device(num_gpus: float) -> torch.device:
-    """CUDA when the actor asked for a GPU and one is really there; else the CPU, with a warning
-    when a GPU was asked for (fake GPU nodes in autoscaling tests, misconfigured images)."""
-    if num_gpus > 0 and torch.cuda.is_available():
-        return torch.device("cuda")
-    if num_gpus > 0:
-        warnings.warn("generate.num_gpus > 0 but no CUDA device is present: generating on the CPU "
-                      "in float32", RuntimeWarning, stacklevel=2)
-    return torch.device("cpu")
 
 
 def initial_noise(seeds: list[int], latent_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -74,12 +64,13 @@ class SDSetGenerator:
     def __init__(self, model: ModelConfig | dict, generate: GenerateConfig | dict):
         self.model = ModelConfig.model_validate(model)
         self.cfg = GenerateConfig.model_validate(generate)
-        self.device = pick_device(self.cfg.num_gpus)
-        self.dtype = _DTYPES[self.cfg.dtype] if self.device.type == "cuda" else torch.float32
+        self.device = pick_device(self.cfg.actors.num_gpus, "generate.actors")
+        self.dtype = torch_dtype(self.cfg.dtype, self.device)
         self.pipe = presets.load_sd_pipeline(self.model, self.cfg.scheduler, self.device,
                                              self.dtype)
         if self.device.type == "cuda" and self.cfg.channels_last:
             self.pipe.unet.to(memory_format=torch.channels_last)
+        self.codec = ImageCodec(self.pipe.vae, vae_batch_size=self.cfg.vae_batch_size)
         self.latent_shape = (self.pipe.unet.config.in_channels, self.cfg.height // 8,
                              self.cfg.width // 8)
         log.info("SDSetGenerator ready: preset=%s device=%s dtype=%s", self.model.preset,
@@ -107,7 +98,7 @@ class SDSetGenerator:
             "images_per_caption": self.cfg.images_per_caption,
             "image_format": self.cfg.image_format,
             "image_quality": self.cfg.image_quality,
-            "seed_function": "m2m_ray.mis.ids.image_seed(caption_id, index, base_seed)",
+            "seed_function": "m2m_ray.formats.ids.image_seed(caption_id, index, base_seed)",
             "code_version": m2m_ray.__version__,
         }
 
@@ -143,13 +134,8 @@ class SDSetGenerator:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """SD latents ``[B, 4, h, w]`` → ``uint8 [B, H, W, 3]``, in chunks to bound VAE memory."""
-        vae = self.pipe.vae
-        out = []
-        for chunk in latents.split(self.cfg.vae_batch_size):
-            images = vae.decode(chunk / vae.config.scaling_factor).sample      # (b, 3, H, W) in [-1, 1]
-            images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-            out.append(images.permute(0, 2, 3, 1).cpu().numpy())               # (b, H, W, 3)
-        return np.concatenate(out)
+        pixels = self.codec.decode(latents)                                     # (B, 3, H, W) in [0, 1]
+        return (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seeds, pixels, latents = self.generate([str(c) for c in batch["caption"]],
@@ -214,7 +200,8 @@ def regenerate_set(caption: str, caption_id: int, metadata: dict[str, Any],
         images_per_caption=metadata["images_per_caption"], base_seed=metadata["base_seed"],
         num_inference_steps=metadata["num_inference_steps"], scheduler=metadata["scheduler"],
         guidance_scale=metadata["guidance_scale"], height=metadata["height"],
-        width=metadata["width"], dtype=metadata["dtype"], num_gpus=1 if use_gpu else 0,
+        width=metadata["width"], dtype=metadata["dtype"],
+        actors={"num_gpus": 1 if use_gpu else 0},
         captions_per_batch=1)
     threads = torch.get_num_threads()
     if metadata.get("cpu_threads") and not use_gpu:

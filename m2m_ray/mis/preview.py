@@ -9,35 +9,13 @@ import argparse
 import io
 import itertools
 import sys
-import textwrap
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from m2m_ray import storage
 from m2m_ray.config import StorageConfig
-from m2m_ray.data.mis import iter_mis
-
-PAD = 4
-CAPTION_LINES = 2
-
-
-def contact_sheet(rows: list[tuple[str, list[Image.Image]]], thumb: int = 96) -> Image.Image:
-    """``rows`` of ``(caption, images)`` → one sheet, images scaled to ``thumb`` px squares."""
-    font = ImageFont.load_default()
-    line_height = 12
-    cols = max(len(images) for _, images in rows)
-    row_height = thumb + CAPTION_LINES * line_height + 2 * PAD
-    sheet = Image.new("RGB", (cols * (thumb + PAD) + PAD, len(rows) * row_height + PAD), "white")
-    draw = ImageDraw.Draw(sheet)
-    chars_per_line = max(20, (sheet.width - 2 * PAD) // 6)
-    for r, (caption, images) in enumerate(rows):
-        top = PAD + r * row_height
-        for c, image in enumerate(images):
-            sheet.paste(image.convert("RGB").resize((thumb, thumb)), (PAD + c * (thumb + PAD), top))
-        lines = textwrap.wrap(caption, chars_per_line)[:CAPTION_LINES]
-        for i, line in enumerate(lines):
-            draw.text((PAD, top + thumb + 2 + i * line_height), line, fill="black", font=font)
-    return sheet
+from m2m_ray.formats.mis import iter_mis
+from m2m_ray.viz import contact_sheet, png_bytes
 
 
 def preview(root: str, out: str, num_sets: int = 8, thumb: int = 96, fmt: str = "parquet",
@@ -48,9 +26,7 @@ def preview(root: str, out: str, num_sets: int = 8, thumb: int = 96, fmt: str = 
         rows.append((f"[{sample['caption_id']}] {sample['caption']}", images))
     if not rows:
         raise FileNotFoundError(f"no committed {fmt} sets under {root}")
-    buffer = io.BytesIO()
-    contact_sheet(rows, thumb).save(buffer, format="PNG")
-    storage.write_bytes(out, buffer.getvalue(), storage_cfg)
+    storage.write_bytes(out, png_bytes(contact_sheet(rows, thumb)), storage_cfg)
     return len(rows)
 
 

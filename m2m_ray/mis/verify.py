@@ -22,10 +22,9 @@ from PIL import Image
 
 from m2m_ray import storage
 from m2m_ray.config import StorageConfig
-from m2m_ray.data.mis import CorruptShardError, iter_shard
+from m2m_ray.formats.ids import image_seed, shard_name
+from m2m_ray.formats.mis import CorruptShardError, MISLayout, iter_shard
 from m2m_ray.mis.captions import load_shard_captions, read_captions_stats
-from m2m_ray.mis.ids import image_seed, shard_name
-from m2m_ray.mis.shards import MISLayout
 
 MAX_PROBLEMS_PER_SHARD = 20
 

@@ -61,11 +61,14 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from m2m_ray.config import M2MConfig, ModelConfig
+from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.models.context import ContextCache, SiteContext
 from m2m_ray.models.embedders import TaskConditions, TaskEmbedder
-from m2m_ray.models.image_set_attention import (ImageSetCall, install_image_set_attention,
-                                                kept_rows)
+from m2m_ray.models.image_set_attention import (
+    ImageSetCall,
+    install_image_set_attention,
+    kept_rows,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -182,10 +185,16 @@ class M2MUNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype=None,
-                        task_conditions: list[str] | None = None) -> "M2MUNet":
-        """The model saved at ``path``. ``task_conditions`` (fine-tuning a pre-trained model):
-        the saved weights plus fresh, zero-initialized embedders for the conditions it lacks, so
-        the new model starts out predicting exactly what the saved one does."""
+                        task_conditions: list[str] | None = None,
+                        seed: int | None = None) -> "M2MUNet":
+        """The model saved at ``path``. ``task_conditions`` (fine-tuning a pre-trained model,
+        paper §6.2): the saved weights plus fresh, zero-initialized embedders for the conditions
+        it lacks (seeded with ``seed``, default the saved preset seed), so the new model starts
+        out predicting exactly what the saved one does. The one fine-tune loader: training's
+        ``init_from`` comes here too.
+
+        Raises ``FileNotFoundError`` for a folder without the config or weights, ``ValueError``
+        for another class's folder or conditions that would be removed."""
         path = Path(path)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{path} is not an M2M UNet folder: expected {CONFIG_NAME} and "
@@ -204,7 +213,7 @@ class M2MUNet(nn.Module):
             return model.to(device=device, dtype=dtype).eval()
         m2m = M2MConfig(**{**m2m.model_dump(), "task_conditions": list(task_conditions)})
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(model_config.seed + 11)
+            torch.manual_seed((model_config.seed if seed is None else seed) + 11)
             model = cls(config["unet"], m2m, model_config, config["dino_hidden_size"])
         missing, unexpected = model.load_state_dict(state, strict=False)
         fresh = ("task_embedder.", "dino_task_proj.", ".processor.task_proj.")

@@ -23,7 +23,7 @@ from m2m_ray.models.clip_tokenizer import clip_tokenizer
 if TYPE_CHECKING:
     import torch
 
-    from m2m_ray.config import ModelConfig
+    from m2m_ray.models.config import ModelConfig
 
 SD21_BASE_ID = "stabilityai/stable-diffusion-2-1-base"
 DINOV2_GIANT_ID = "facebook/dinov2-giant"

@@ -3,7 +3,8 @@
     pipe = M2MPipeline.from_pretrained("outputs/model", device="cuda", dtype=torch.float16)
     new_images = pipe(images, num_images=4, guidance_scale=3.0, context_window=8,
                       num_inference_steps=50, generator=torch.Generator().manual_seed(0))
-    many = pipe.generate([set_a, set_b, set_c], num_images=4, generator=[g_a, g_b, g_c])
+    spec = SampleConfig(num_images=4, guidance_scale=3.0)          # the one sampling spec
+    many = pipe.generate([set_a, set_b, set_c], spec, generator=[g_a, g_b, g_c])
     pipe.save_pretrained("outputs/model_copy")
     pipe = M2MPipeline.from_preset(ModelConfig(preset="tiny"), M2MConfig(variant="self"))  # fresh
 
@@ -35,13 +36,19 @@ import torch
 from PIL import Image
 
 from m2m_ray import storage as st
-from m2m_ray.config import M2MConfig, ModelConfig
-from m2m_ray.data.image_inputs import fit_square, images_to_tensor, tensor_to_images, to_rgb
+from m2m_ray.data.image_inputs import (
+    fit_square,
+    images_to_tensor,
+    tensor_to_images,
+    to_rgb,
+)
 from m2m_ray.models import presets
+from m2m_ray.models.codec import ImageCodec
+from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.models.context import DinoEncoder
 from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.models.m2m_unet import M2MUNet
-from m2m_ray.sampling.codec import ImageCodec
+from m2m_ray.sampling.config import SampleConfig
 from m2m_ray.sampling.sampler import sample
 
 if TYPE_CHECKING:
@@ -58,8 +65,7 @@ def local_copy(path: str, storage: "StorageConfig | None" = None) -> Path:
     cache = Path(os.environ.get("M2M_RAY_CACHE", Path.home() / ".cache" / "m2m_ray"))
     target = cache / "pipelines" / hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16]
     if not (target / INDEX_NAME).is_file():
-        fs, remote = st.fsspec_filesystem(path, storage)
-        fs.get(remote.rstrip("/") + "/", str(target) + "/", recursive=True)
+        st.download_dir(path, target, storage)
     return target
 
 
@@ -158,42 +164,46 @@ class M2MPipeline:
 
     # --- sampling --------------------------------------------------------------------------------
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Images of any size/mode → ``[K, 3, R, R]`` in [0, 1] at the preset's resolution."""
+    def preprocess(self, images: Sequence[Image.Image], resolution: int | None = None
+                   ) -> torch.Tensor:
+        """Images of any size/mode → ``[K, 3, R, R]`` in [0, 1] at ``resolution`` (default: the
+        preset's), by the project's one square fit (``m2m_ray.data.image_inputs.fit_square``)."""
+        size = resolution or self.resolution
         if not images:
-            return torch.zeros(0, 3, self.resolution, self.resolution)
-        return images_to_tensor([fit_square(to_rgb(image), self.resolution) for image in images])
+            return torch.zeros(0, 3, size, size)
+        return images_to_tensor([fit_square(to_rgb(image), size) for image in images])
 
     def __call__(self, images: Sequence[Image.Image], num_images: int = 4, *,
-                 guidance_scale: float = 3.0, task_guidance_scale: float = 3.0,
-                 context_window: int = 8, num_inference_steps: int = 50,
-                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None,
                  context_task: TaskConditions | None = None,
                  target_task: TaskConditions | None = None,
-                 output_type: OutputType = "pil") -> list[Image.Image] | torch.Tensor:
+                 output_type: OutputType = "pil", **settings) -> list[Image.Image] | torch.Tensor:
         """``num_images`` new images after ``images`` (K >= 0 of them), generated one after
-        another; task conditions ``[1, K]`` / ``[1, M]``. Returns PIL images, or for
-        ``output_type="pt"`` a tensor ``[M, 3, R, R]`` in [0, 1]."""
-        out = self.generate([images], num_images, guidance_scale=guidance_scale,
-                            task_guidance_scale=task_guidance_scale,
-                            context_window=context_window,
-                            num_inference_steps=num_inference_steps,
-                            generator=None if generator is None else [generator],
-                            use_cache=use_cache, context_task=context_task,
-                            target_task=target_task, output_type=output_type)
+        another. ``settings``: any other ``SampleConfig`` field (``guidance_scale``,
+        ``context_window``, ``num_inference_steps``, ...), keyword sugar for ``generate``'s spec.
+        Task conditions ``[1, K]`` / ``[1, M]``. Returns PIL images, or for ``output_type="pt"``
+        a tensor ``[M, 3, R, R]`` in [0, 1]."""
+        spec = SampleConfig(num_images=num_images, **settings)
+        out = self.generate([images], spec, None if generator is None else [generator],
+                            context_task=context_task, target_task=target_task,
+                            output_type=output_type)
         return out[0]
 
-    def generate(self, image_sets: Sequence[Sequence[Image.Image]], num_images: int = 4, *,
-                 guidance_scale: float = 3.0, task_guidance_scale: float = 3.0,
-                 context_window: int = 8, num_inference_steps: int = 50,
-                 generator: Sequence[torch.Generator] | None = None, use_cache: bool = True,
+    def generate(self, image_sets: Sequence[Sequence[Image.Image]],
+                 spec: SampleConfig | None = None,
+                 generator: Sequence[torch.Generator] | None = None, *,
                  context_task: TaskConditions | None = None,
                  target_task: TaskConditions | None = None,
                  output_type: OutputType = "pil") -> list[list[Image.Image]] | torch.Tensor:
-        """The batched form: S sets, one generator per set (None: seeded from torch's global
-        RNG). Sets with different numbers of images run as separate batches; task conditions
-        ``[S, K]`` / ``[S, M]`` need sets of equal K. Returns S lists of PIL images, or for
-        ``output_type="pt"`` a tensor ``[S, M, 3, R, R]``."""
+        """The batched form: S sets sampled by ``spec`` (the one sampling spec; None: its
+        defaults; its scheduler, resolution and VAE batch size apply here), one generator per set
+        (None: seeded from torch's global RNG). Sets with different numbers of images run as
+        separate batches; task conditions ``[S, K]`` / ``[S, M]`` need sets of equal K. Returns S
+        lists of PIL images, or for ``output_type="pt"`` a tensor ``[S, M, 3, R, R]``.
+
+        Raises ``ValueError`` when the generator count differs from S or task conditions come
+        with sets of different sizes."""
+        spec = spec or SampleConfig()
         if generator is None:
             generator = [torch.Generator().manual_seed(int(torch.randint(2**62, ())))
                          for _ in image_sets]
@@ -206,14 +216,15 @@ class M2MPipeline:
         if len(groups) > 1 and (context_task is not None or target_task is not None):
             raise ValueError(f"task conditions with sets of different sizes {sorted(groups)}: "
                              "call generate once per set size")
+        self.set_scheduler(spec.scheduler)
+        self.codec.vae_batch_size = spec.vae_batch_size
         results: list[torch.Tensor | None] = [None] * len(image_sets)
         for indices in groups.values():
-            context = torch.stack([self.preprocess(image_sets[i]) for i in indices])  # (S,K,3,R,R)
-            out = sample(self.unet, self.scheduler, self.codec, context, num_images,
-                         [generator[i] for i in indices],
-                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                         task_guidance_scale=task_guidance_scale, context_window=context_window,
-                         use_cache=use_cache, context_task=context_task, target_task=target_task)
+            context = torch.stack([self.preprocess(image_sets[i], spec.resolution)
+                                   for i in indices])  # (S, K, 3, R, R)
+            out = sample(self.unet, self.scheduler, self.codec, context,
+                         [generator[i] for i in indices], spec,
+                         context_task=context_task, target_task=target_task)
             pixels = out.pixels if out.pixels is not None else self.codec.decode(out.latents)
             for row, i in enumerate(indices):
                 results[i] = pixels[row].cpu()  # (M, 3, R, R)

@@ -31,10 +31,11 @@ from typing import Any, Sequence
 
 import torch
 
+from m2m_ray.models.codec import ImageCodec
 from m2m_ray.models.context import ContextCache
 from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.models.m2m_unet import M2MUNet
-from m2m_ray.sampling.codec import ImageCodec
+from m2m_ray.sampling.config import SampleConfig
 from m2m_ray.sampling.guidance import Branch, branch_masks, combine, guidance_branches
 
 
@@ -178,38 +179,40 @@ def _check_tasks(model: M2MUNet, batch: int, num_context: int, num_images: int,
 
 @torch.no_grad()
 def sample(model: M2MUNet, scheduler: Any, codec: ImageCodec, context_images: torch.Tensor,
-           num_images: int, generators: Sequence[torch.Generator], *,
-           num_inference_steps: int = 50, guidance_scale: float = 3.0,
-           task_guidance_scale: float = 3.0, context_window: int = 8, use_cache: bool = True,
+           generators: Sequence[torch.Generator], spec: SampleConfig, *,
            context_task: TaskConditions | None = None,
            target_task: TaskConditions | None = None) -> SampleOutput:
-    """Generate ``num_images`` images after ``context_images`` ``[B, K, 3, H, W]`` (floats in
-    [0, 1], K may be 0) for B sets. ``context_task`` ``[B, K]`` / ``target_task`` ``[B, M]``:
-    task conditions (eq. 7 guidance with ``task_guidance_scale``); None: eq. 6."""
+    """Generate ``spec.num_images`` (M) images after ``context_images`` ``[B, K, 3, H, W]``
+    (floats in [0, 1], K may be 0) for B sets, one after another (paper §6.1), each seeing the last
+    ``spec.context_window`` images of its set. ``spec`` is the one sampling spec (steps, s_I, s_T,
+    window, cache); its scheduler is the caller's ``scheduler`` object. ``context_task`` ``[B, K]``
+    / ``target_task`` ``[B, M]``: task conditions (eq. 7 guidance with s_T); None: eq. 6.
+
+    Raises ``ValueError`` for context images that are not ``[B, K, 3, H, W]``, a generator count
+    other than B, or task conditions of the wrong shape or for a model without them."""
+    num_images, context_window = spec.num_images, spec.context_window
     if context_images.ndim != 5 or context_images.shape[2] != 3:
         raise ValueError(f"context images {tuple(context_images.shape)}: expected [B, K, 3, H, W] "
                          "floats in [0, 1]")
     batch, num_context, _, height, width = context_images.shape
     if len(generators) != batch:
         raise ValueError(f"{len(generators)} generators for {batch} sets: give one per set")
-    if num_images < 1:
-        raise ValueError(f"num_images {num_images}: expected >= 1")
     _check_tasks(model, batch, num_context, num_images, context_task, target_task)
     device = model.device
-    state = ContextState(model, context_window, use_cache)
+    state = ContextState(model, context_window, spec.use_cache)
     if num_context:
         pixels = context_images[:, -context_window:].to(device)  # older images are never seen
         latents = codec.encode(pixels) if codec.variant == "self" else None
         task = None if context_task is None else context_task.select(slice(-pixels.shape[1], None))
         state.add(codec.context_of(latents, pixels), task)
-    branches = guidance_branches(guidance_scale,
-                                 None if target_task is None else task_guidance_scale)
+    branches = guidance_branches(spec.guidance_scale,
+                                 None if target_task is None else spec.task_guidance_scale)
     shape = latent_shape(codec, height, width)
     generated, decoded = [], []
     for j in range(num_images):
         task = None if target_task is None else target_task.select(slice(j, j + 1))  # (B, 1)
         noise = initial_noise(generators, shape, device)  # (B, 4, h, w)
-        latents = denoise_image(model, scheduler, state, noise, num_inference_steps, branches,
+        latents = denoise_image(model, scheduler, state, noise, spec.num_inference_steps, branches,
                                 task)[:, None]  # (B, 1, 4, h, w)
         generated.append(latents)
         pixels = codec.decode(latents) if codec.needs_pixels else None  # (B, 1, 3, H, W)

@@ -8,7 +8,7 @@ Layout of ``<storage_path>/<run_name>/checkpoint_<step>/``::
     lr_scheduler.pt       LambdaLR state_dict
     rng_state.pt          per rank: torch CPU (and CUDA) RNG states
     trainer_state.json    step, epoch, world size, per-rank data stream positions, train seconds
-    train_config.json     the resolved TrainConfig (m2m_ray.config.save_config format)
+    train_config.json     the resolved TrainConfig (m2m_ray.storage.save_config format)
     samples.png           a grid of EMA samples: K context images, then M generated ones per row
 
 The trainer state and the run's latest checkpoint are read without torch in ``state.py`` (the
@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from m2m_ray.config import TrainConfig, config_to_dict
 from m2m_ray.models.m2m_unet import WEIGHTS_NAME, M2MUNet
+from m2m_ray.storage import save_config
+from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.state import STATE_NAME, TrainerState
 from m2m_ray.train.step import EMA
 
@@ -41,8 +42,7 @@ def save_checkpoint(path: Path, model: M2MUNet, ema: EMA, optimizer: torch.optim
     torch.save(scheduler.state_dict(), path / "lr_scheduler.pt")
     torch.save(rng_states, path / "rng_state.pt")
     (path / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
-    (path / "train_config.json").write_text(json.dumps(
-        {"config_class": type(cfg).__name__, "config": config_to_dict(cfg)}, indent=2))
+    save_config(cfg, str(path / "train_config.json"))
     if grid_png is not None:
         (path / "samples.png").write_bytes(grid_png)
 

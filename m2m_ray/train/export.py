@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 
 from m2m_ray import storage
-from m2m_ray.config import TrainConfig
 from m2m_ray.models.context import DinoEncoder
 from m2m_ray.models.m2m_unet import M2MUNet
 from m2m_ray.models.presets import load_scheduler, load_vae
 from m2m_ray.sampling.pipeline import M2MPipeline
+from m2m_ray.train.config import TrainConfig
 
 
 def export_pipeline(checkpoint_dir: Path, cfg: TrainConfig, out_uri: str) -> str:
@@ -32,6 +32,5 @@ def export_pipeline(checkpoint_dir: Path, cfg: TrainConfig, out_uri: str) -> str
         return out_uri
     with tempfile.TemporaryDirectory(prefix="m2m-export-") as tmp:
         pipeline.save_pretrained(tmp)
-        fs, path = storage.fsspec_filesystem(out_uri, cfg.storage)
-        fs.put(tmp.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+        storage.upload_dir(tmp, out_uri, cfg.storage)
     return out_uri

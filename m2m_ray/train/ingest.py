@@ -22,9 +22,15 @@ from typing import Any
 import ray
 from ray.train import DataConfig
 
-from m2m_ray.config import TrainConfig
-from m2m_ray.data.training import (StreamPosition, build_stream_dataset, describe_stream,
-                                    plan_stream, use_stored_latents)
+from m2m_ray.data.training import (
+    StreamPosition,
+    build_stream_dataset,
+    describe_stream,
+    plan_stream,
+    use_stored_latents,
+)
+from m2m_ray.formats.mis import committed_shards
+from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.state import TrainerState, latest_checkpoint, read_trainer_state
 
 log = logging.getLogger(__name__)
@@ -73,13 +79,8 @@ class ReportToCounter:
 def shard_manifest(cfg: TrainConfig):
     """The trainer's ``train`` dataset: one row per committed shard, ``{"shard": uri, "sets": n}``,
     listed once per ``fit`` (shards committed later do not change a running plan)."""
-    from m2m_ray.mis.shards import MISLayout
-
-    layout = MISLayout(cfg.data.uri, cfg.storage)
-    path = layout.parquet if cfg.data.format == "parquet" else layout.webdataset
-    rows = [{"shard": path(sid), "sets": stats["sets"]}
-            for sid, stats in sorted(layout.committed_stats().items())
-            if cfg.data.format in stats["formats"]]
+    rows = [{"shard": uri, "sets": stats["sets"]}
+            for uri, stats in committed_shards(cfg.data.uri, cfg.data.format, cfg.storage)]
     if not rows:
         raise FileNotFoundError(f"no committed {cfg.data.format} shards under {cfg.data.uri}/mis; "
                                 "build MIS first (pipelines/build_mis.py) or check data.uri and "

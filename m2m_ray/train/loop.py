@@ -30,11 +30,11 @@ import torch
 import torch.distributed as dist
 
 from m2m_ray import storage
-from m2m_ray.config import TrainConfig
 from m2m_ray.models.context import DinoEncoder
 from m2m_ray.models.presets import load_scheduler, load_vae
 from m2m_ray.train.build import build_model
 from m2m_ray.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.ingest import error_counts
 from m2m_ray.train.preview import sample_grid
 from m2m_ray.train.state import TrainerState, checkpoint_dir_name, run_dir
@@ -204,8 +204,7 @@ class Worker:
         with torch.autocast(self.device.type, dtype=self.autocast,
                             enabled=self.autocast is not None):
             return sample_grid(self.ema.model, self.vae, self.dino, self.preview,
-                               samples.context_images, samples.new_images, samples.steps,
-                               samples.guidance_scale, self.cfg.seed)
+                               samples.context_images, samples.sample, self.cfg.seed)
 
     def maybe_fail(self) -> None:
         """Fault injection for tests: raise once per run right after ``fail_at_step``."""

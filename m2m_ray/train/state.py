@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from m2m_ray import storage
-from m2m_ray.config import TrainConfig
+from m2m_ray.train.config import TrainConfig
 
 STATE_NAME = "trainer_state.json"
 

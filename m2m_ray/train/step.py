@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from m2m_ray.config import OptimConfig
 from m2m_ray.models.context import DinoEncoder
 from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.models.m2m_unet import M2MUNet
+from m2m_ray.train.config import OptimConfig
 
 
 @dataclass

@@ -20,7 +20,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from m2m_ray import storage
-from m2m_ray.config import TrainConfig, config_to_dict
+from m2m_ray.config import config_to_dict
+from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.export import export_pipeline
 from m2m_ray.train.ingest import MISDataConfig, shard_manifest, start_error_counter
 from m2m_ray.train.loop import train_loop_per_worker

@@ -10,8 +10,8 @@ JSON object per image set::
      "meta": {"model": "...", "seeds": [...], "guidance": 7.5, "split": "test", ...}}
 
 Image paths are relative to the folder; images are PNG or JPEG. ``meta`` is free-form, but
-evaluation reads ``meta["split"]`` ("train"/"test", see m2m_ray.mis.ids.split_of; a set of another
-split than ``EvalConfig.expected_split`` is skipped) and ``meta["model"]`` (the method name in the
+evaluation reads ``meta["split"]`` ("train"/"test", see m2m_ray.formats.ids.split_of; a set of another
+split than ``EvalConfig.protocol.split`` is skipped) and ``meta["model"]`` (the method name in the
 report's Table 1 row) when present.
 
 Writers (sampler side): ``save_set`` writes one set's images and returns its record; it runs
@@ -156,7 +156,7 @@ def read_generations(root_uri: str,
     if not st.exists(uri, storage):
         raise FileNotFoundError(
             f"no {INDEX_FILE} in {root_uri!r}: expected a generations folder written by "
-            "pipelines/generate.py (m2m_ray.eval.generations.write_index)")
+            "pipelines/generate.py (m2m_ray.formats.generations.write_index)")
     sets: list[GenerationSet] = []
     seen: dict[str, int] = {}
     for number, line in enumerate(st.read_bytes(uri, storage).decode("utf-8").splitlines(), 1):

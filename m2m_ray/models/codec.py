@@ -1,5 +1,6 @@
 """Images ↔ what the M2M UNet consumes: VAE latents (targets, and the context of M2M-Self) and
-DINOv2 features (the context of M2M-DINO).
+DINOv2 features (the context of M2M-DINO). The project's one VAE encode/decode: MIS generation,
+training's VAE actors, the synthetic MIS, previews and the pipeline all go through ``ImageCodec``.
 
 Pixels are float tensors in [0, 1], ``[..., 3, H, W]``; latents are the VAE's scaled latents
 ``[..., 4, H/8, W/8]`` (the posterior mean, so encoding is deterministic). Every method takes and
@@ -20,7 +21,7 @@ from m2m_ray.models.context import DinoEncoder
 class ImageCodec:
     """The VAE, and for ``dino`` the frozen DINOv2 encoder, of one M2M pipeline."""
 
-    def __init__(self, vae: AutoencoderKL, variant: Literal["self", "dino"],
+    def __init__(self, vae: AutoencoderKL, variant: Literal["self", "dino"] = "self",
                  dino: DinoEncoder | None = None, vae_batch_size: int = 8):
         if (variant == "dino") != (dino is not None):
             raise ValueError(f"variant {variant!r} with dino={type(dino).__name__}: the dino "

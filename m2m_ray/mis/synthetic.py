@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from m2m_ray.config import ModelConfig
-from m2m_ray.mis.ids import image_seed, split_of
-from m2m_ray.mis.shards import MISLayout, SetRecord, ShardWriter, latents_to_npy
+from m2m_ray.formats.ids import image_seed, split_of
+from m2m_ray.formats.mis import MISLayout, SetRecord, ShardWriter, latents_to_npy
+from m2m_ray.models.codec import ImageCodec
+from m2m_ray.models.config import ModelConfig
 
 
 def _set_pixels(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
@@ -47,7 +48,7 @@ def write_synthetic_mis(root: str, num_shards: int = 2, sets_per_shard: int = 2,
     from m2m_ray.models.presets import load_vae
 
     layout = MISLayout(root)
-    vae = load_vae(model or ModelConfig(preset="tiny")) if keep_latents else None
+    codec = ImageCodec(load_vae(model or ModelConfig(preset="tiny"))) if keep_latents else None
     rng = np.random.default_rng(seed)
     shard_ids = []
     for shard in range(num_shards):
@@ -57,11 +58,9 @@ def write_synthetic_mis(root: str, num_shards: int = 2, sets_per_shard: int = 2,
             cid = (shard << 16) | line
             pixels = _set_pixels(rng, images_per_set, size)
             latents = None
-            if vae is not None:
-                with torch.inference_mode():
-                    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-                    mean = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-                latents = latents_to_npy(mean.numpy())
+            if codec is not None:
+                x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
+                latents = latents_to_npy(codec.encode(x).numpy())
             records.append(SetRecord(
                 caption_id=cid, shard_id=shard, split=split_of(cid, test_fraction),
                 caption=f"synthetic set {cid}", url=f"synthetic://{cid}",

@@ -1,0 +1,116 @@
+"""The image sets a generation job reads, as rows: user files, MIS sets, COCO category sets.
+
+Every source gives rows ``{order, set_id, caption, split, meta (JSON), images | uris}`` — encoded
+context images, or URIs an actor reads — for ``m2m_ray.sampling.job.M2MSetGenerator``:
+
+- ``images``: files / folders / globs → one set (id ``input``) whose context is all of them;
+  every file is decoded here first, so an unreadable one stops the job naming it.
+- ``mis_uri`` (+ ``mis_split``) or ``mis_shard``: MIS sets, context = their first K images; with
+  Ray the dataset is read by Ray Data (``read_mis``), never through the driver.
+- ``coco_annotations``: real-image sets by category (``m2m_ray.data.coco_sets``), first K images.
+
+``meta.split`` of a set is its MIS split, or ``external`` for images that are not from MIS (user
+files, COCO): evaluate those with ``--protocol.split=null``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from typing import Any, Iterable, Iterator
+
+from m2m_ray import storage as st
+from m2m_ray.config import StorageConfig
+from m2m_ray.data.coco_sets import coco_sets
+from m2m_ray.data.config import GenerateInputsConfig
+from m2m_ray.data.image_inputs import expand_image_specs, open_image
+from m2m_ray.formats.mis import iter_mis, iter_shard, read_mis
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_SPLIT = "external"
+
+
+def file_set_rows(inputs: GenerateInputsConfig,
+                  storage: StorageConfig | None = None) -> list[dict[str, Any]]:
+    """Rows ``{order, set_id, caption, split, meta, uris}`` of the images / COCO sources."""
+    if inputs.images:
+        uris = expand_image_specs(inputs.images, storage)
+        for uri in uris:  # fail now, naming the file, rather than inside an actor
+            open_image(st.read_bytes(uri, storage), uri)
+        return [{"order": 0, "set_id": "input", "caption": inputs.caption,
+                 "split": EXTERNAL_SPLIT, "meta": json.dumps({"source": "images"}),
+                 "uris": uris}]
+    K = inputs.context_images
+    grouping = coco_sets(inputs.coco_annotations, inputs.coco_images, images_per_set=K or None,
+                         min_images=max(K, 1), min_area_fraction=inputs.coco_min_area_fraction,
+                         storage=storage)
+    log.info("COCO grouping: %s", grouping.counts)
+    sets = grouping.sets[: inputs.max_sets]
+    return [{"order": i, "set_id": s.set_id, "caption": None, "split": EXTERNAL_SPLIT,
+             "meta": json.dumps({"source": "coco", "category": s.category,
+                                 "category_id": s.category_id, "image_ids": s.image_ids}),
+             "uris": s.image_uris} for i, s in enumerate(sets)]
+
+
+def _mis_set_row(sample: dict[str, Any], K: int) -> dict[str, Any]:
+    return {"order": sample["caption_id"], "set_id": str(sample["caption_id"]),
+            "caption": sample["caption"], "split": sample["split"],
+            "meta": json.dumps({"source": "mis", "caption_id": sample["caption_id"],
+                                "shard_id": sample["shard_id"],
+                                "context_seeds": sample["seeds"][:K]}),
+            "images": list(sample["images"][:K])}
+
+
+def local_mis_rows(inputs: GenerateInputsConfig,
+                   storage: StorageConfig | None = None) -> Iterator[dict[str, Any]]:
+    """MIS sets read in this process (engine=local), in shard order."""
+    if inputs.mis_shard:
+        samples: Iterable[dict] = (s for s in iter_shard(inputs.mis_shard, storage)
+                                   if inputs.mis_split is None or s["split"] == inputs.mis_split)
+    else:
+        samples = iter_mis(inputs.mis_uri, inputs.mis_format, storage, inputs.mis_split)
+    rows = (_mis_set_row(s, inputs.context_images) for s in samples)
+    return itertools.islice(rows, inputs.max_sets)
+
+
+def _mis_batch_to_sets(table, K: int):
+    """Ray Data (pyarrow batches): MIS sample rows → set rows with the first K images."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    metas = [json.dumps({"source": "mis", "caption_id": cid, "shard_id": sid,
+                         "context_seeds": seeds[:K]})
+             for cid, sid, seeds in zip(table["caption_id"].to_pylist(),
+                                        table["shard_id"].to_pylist(),
+                                        table["seeds"].to_pylist())]
+    return pa.table({"order": table["caption_id"],
+                     "set_id": pc.cast(table["caption_id"], pa.string()),
+                     "caption": table["caption"], "split": table["split"],
+                     "meta": pa.array(metas, pa.string()),
+                     "images": pc.list_slice(table["images"], 0, K)})
+
+
+def local_set_rows(inputs: GenerateInputsConfig,
+                   storage: StorageConfig | None = None) -> Iterable[dict[str, Any]]:
+    """The input sets as rows, read in this process (engine=local)."""
+    if inputs.images or inputs.coco_annotations:
+        return file_set_rows(inputs, storage)
+    return local_mis_rows(inputs, storage)
+
+
+def ray_set_dataset(inputs: GenerateInputsConfig, storage: StorageConfig | None = None):
+    """The input sets as a Ray Dataset (MIS through Ray Data's readers)."""
+    import ray
+
+    if inputs.mis_shard:
+        return ray.data.from_items(list(local_mis_rows(inputs, storage)))  # one shard: the driver
+    if not inputs.mis_uri:
+        return ray.data.from_items(file_set_rows(inputs, storage))
+    ds = read_mis(inputs.mis_uri, inputs.mis_format, storage, inputs.mis_split)
+    ds = ds.map_batches(_mis_batch_to_sets, fn_kwargs={"K": inputs.context_images},
+                        batch_format="pyarrow")
+    if inputs.max_sets:
+        ds = ds.sort("order").limit(inputs.max_sets)  # the first N sets by caption_id, every run
+    return ds

@@ -1,0 +1,54 @@
+"""The model's configs: which base weights (``ModelConfig``: the preset) and the M2M architecture
+(``M2MConfig``), saved in every checkpoint and pipeline folder beside the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from m2m_ray.config import StrictModel
+
+
+class ModelConfig(StrictModel):
+    preset: Literal["sd21-base", "tiny", "sd21-base-shapes"] = Field(
+        "sd21-base",
+        description="sd21-base: real hub weights; tiny: small random models, offline; "
+        "sd21-base-shapes: full-size architectures with random weights (benchmarks).",
+    )
+    sd_model_id: str | None = Field(
+        None, description="Hub id or local diffusers folder overriding the preset's SD model."
+    )
+    dino_model_id: str | None = Field(
+        None, description="Hub id or local folder overriding the preset's DINOv2 model."
+    )
+    seed: int = Field(0, description="Seed of the random weights of the tiny/shapes presets.")
+
+
+class M2MConfig(StrictModel):
+    """Architecture of the M2M UNet (m2m_ray.models.m2m_unet); saved in every checkpoint."""
+
+    variant: Literal["self", "dino"] = Field(
+        "self",
+        description="self: context = the UNet's own hidden states of clean latents (t=0) at each "
+        "image-set attention site; dino: context = DINOv2 last hidden states of clean images.",
+    )
+    task_conditions: list[Literal["camera", "position"]] = Field(
+        default_factory=list,
+        description="Per-image task conditions (paper §6.2): camera = MLP over camera extrinsics "
+        "(novel view synthesis), position = sinusoidal index + MLP (visual procedures). Empty for "
+        "pre-training on MIS.",
+    )
+    task_embed_dim: int = Field(
+        256, ge=8, multiple_of=2,
+        description="Width of the task-condition embedding before its zero-initialized per-site "
+        "projections.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_conditions(self) -> "M2MConfig":
+        if len(set(self.task_conditions)) != len(self.task_conditions):
+            raise ValueError(f"task_conditions {self.task_conditions} repeats a condition; "
+                             "list each of camera/position at most once")
+        return self
