@@ -1,8 +1,8 @@
 """Image-set attention: time and peak memory vs a dense-mask implementation; M2M-Self step cost.
 
     python benchmarks/attention.py --preset tiny --threads 1             # CPU, a few seconds
-    python benchmarks/attention.py --preset sd21-base-shapes             # SD-2.1-base widths
-    python benchmarks/attention.py --preset sd21-base-shapes --what step --context 1 4 8
+    python benchmarks/attention.py --preset sd21-base-random             # SD-2.1-base widths
+    python benchmarks/attention.py --preset sd21-base-random --what step --context 1 4 8
 
 Runs unchanged on a GPU (plain PyTorch + diffusers, no Ray; bf16 there by default). Method, and
 the numbers measured so far, in BENCHMARKS.md ("Image-set attention").

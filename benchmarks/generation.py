@@ -3,7 +3,7 @@
     # CPU, tiny preset (this repo's CI machine)
     python benchmarks/generation.py --preset tiny --captions 8 --steps 20
     # GPU, full SD-2.1-base shapes with random weights (no Ray, no download)
-    python benchmarks/generation.py --preset sd21-base-shapes --device cuda --dtype float16 \
+    python benchmarks/generation.py --preset sd21-base-random --device cuda --dtype float16 \
         --captions 4 --steps 30 --variants cl-vae8-c2 nocl-vae8-c2 nocl-vae25-c1
 
 Baseline ("naive"): ``StableDiffusionPipeline(...)(caption, num_images_per_prompt=25)`` once per

@@ -12,7 +12,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
-PRESET=${PRESET:-sd21-base-shapes}
+PRESET=${PRESET:-sd21-base-random}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-1}           # 0: smallest settings (dry runs)
 ONLY=${ONLY:-generation,sampling,train_step,attention,eval}  # comma-separated subset

@@ -4,9 +4,9 @@ plain UNet of the same size without image-set attention, at K context images (pa
     # CPU, tiny preset (this repo's CI machine)
     python benchmarks/sampling.py --preset tiny --device cpu --steps 10 --threads 1
     # GPU, full SD-2.1-base / DINOv2-giant shapes with random weights (no Ray, no download)
-    python benchmarks/sampling.py --preset sd21-base-shapes --device cuda --out sampling.json
+    python benchmarks/sampling.py --preset sd21-base-random --device cuda --out sampling.json
     # FLOPs only, any preset, on the meta device (no weights, no compute: seconds on any machine)
-    python benchmarks/sampling.py --preset sd21-base-shapes --flops-only --steps 50
+    python benchmarks/sampling.py --preset sd21-base-random --flops-only --steps 50
 
 What one measurement is: the steady state of an auto-regressive run with K images in the context
 window (W = K). One generated image per set = ``steps`` denoising steps (DDIM, image guidance
@@ -271,7 +271,7 @@ def machine(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "sd21-base-shapes"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "sd21-base-random"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float16", help="on CUDA; the CPU runs float32")
     parser.add_argument("--steps", type=int, default=50)

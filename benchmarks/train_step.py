@@ -7,7 +7,7 @@ AdamW, LR schedule and the EMA update — on random latents and pixels of the pr
     python benchmarks/train_step.py --preset tiny --variant both --batch-size 2 --images-per-set 4 \
         --threads 1
     # GPU: full SD-2.1-base UNet + DINOv2-giant shapes, random weights, no download
-    python benchmarks/train_step.py --preset sd21-base-shapes --device cuda --variant both \\
+    python benchmarks/train_step.py --preset sd21-base-random --device cuda --variant both \\
         --batch-size 8 --images-per-set 8 --precision bf16 --steps 10
 
 Each variant runs in its own subprocess (so peak memory is that variant's alone) and prints one
@@ -147,7 +147,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "sd21-base-shapes"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "sd21-base-random"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variant", default="both", choices=["self", "dino", "both"])
     parser.add_argument("--batch-size", type=int, default=2, help="image sets per step (per GPU)")

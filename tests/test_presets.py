@@ -36,6 +36,6 @@ def test_offline_hub_load_names_tiny_preset(monkeypatch, tmp_path):
 
 
 def test_shapes_preset_has_sd21_architecture():
-    cfg = presets.unet_config(ModelConfig(preset="sd21-base-shapes"))
+    cfg = presets.unet_config(ModelConfig(preset="sd21-base-random"))
     assert cfg["block_out_channels"] == (320, 640, 1280, 1280)
     assert cfg["cross_attention_dim"] == 1024

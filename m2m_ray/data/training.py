@@ -141,7 +141,7 @@ def plan_stream(cfg: TrainRun, shards: tuple[str, ...], mean_sets: float, stored
 def use_stored_latents(cfg: TrainRun, shards: tuple[str, ...]) -> bool:
     """Whether the dataset's stored latents are used, decided once per dataset from its first
     readable set (``build_mis`` refuses to mix keep_latents settings in one dataset)."""
-    from m2m_ray.models.presets import get_preset
+    from m2m_ray.models.presets import get_preset, vae_scale_factor
 
     mode = cfg.data.latents
     if mode == "encode":
@@ -155,7 +155,7 @@ def use_stored_latents(cfg: TrainRun, shards: tuple[str, ...]) -> bool:
                 raise
         if first is not None:
             break
-    size = get_preset(cfg.model).resolution // 8
+    size = get_preset(cfg.model).resolution // vae_scale_factor(cfg.model)
     latents = None if first is None else first["latents"]
     usable = latents is not None and tuple(latents.shape[-2:]) == (size, size)
     if mode == "stored" and not usable:

@@ -71,8 +71,12 @@ class SDSetGenerator:
         if self.device.type == "cuda" and self.cfg.channels_last:
             self.pipe.unet.to(memory_format=torch.channels_last)
         self.codec = ImageCodec(self.pipe.vae, vae_batch_size=self.cfg.vae_batch_size)
-        self.latent_shape = (self.pipe.unet.config.in_channels, self.cfg.height // 8,
-                             self.cfg.width // 8)
+        factor = self.pipe.vae_scale_factor  # 8 for SD-2.1-base, 4 for the shapes VAE
+        if self.cfg.height % factor or self.cfg.width % factor:
+            raise ValueError(f"generate.height/width {self.cfg.height}×{self.cfg.width}: expected "
+                             f"multiples of {factor}, the {self.model.preset} VAE's factor")
+        self.latent_shape = (self.pipe.unet.config.in_channels, self.cfg.height // factor,
+                             self.cfg.width // factor)
         log.info("SDSetGenerator ready: preset=%s device=%s dtype=%s", self.model.preset,
                  self.device, self.dtype)
 
@@ -90,6 +94,7 @@ class SDSetGenerator:
             "guidance_scale": self.cfg.guidance_scale,
             "height": self.cfg.height,
             "width": self.cfg.width,
+            "vae_scale_factor": self.pipe.vae_scale_factor,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device.type,
             # CPU float sums depend on the thread count; regeneration reuses it to be bit-exact.

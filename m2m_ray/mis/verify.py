@@ -50,7 +50,8 @@ def _check_set(sample: dict[str, Any], settings: dict[str, Any], where: str) -> 
     latents = sample["latents"]
     if settings.get("keep_latents") and latents is None:
         problems.append(f"{where}: set {cid} has no latents although keep_latents is on")
-    if latents is not None and latents.shape != (n, 4, size[1] // 8, size[0] // 8):
+    factor = sample["metadata"].get("vae_scale_factor", 8)  # sets made before it was stored: 8
+    if latents is not None and latents.shape != (n, 4, size[1] // factor, size[0] // factor):
         problems.append(f"{where}: set {cid} latents have shape {latents.shape}")
     return problems
 

@@ -6,16 +6,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from m2m_ray.config import StrictModel
 
 
+#: Preset names that were renamed → their new name (a config with the old one is refused with it).
+RENAMED_PRESETS = {"sd21-base-shapes": "sd21-base-random"}
+
+
 class ModelConfig(StrictModel):
-    preset: Literal["sd21-base", "tiny", "sd21-base-shapes"] = Field(
+    preset: Literal["sd21-base", "shapes", "tiny", "sd21-base-random"] = Field(
         "sd21-base",
-        description="sd21-base: real hub weights; tiny: small random models, offline; "
-        "sd21-base-shapes: full-size architectures with random weights (benchmarks).",
+        description="sd21-base: real hub weights; shapes: the shapes world's toy VAE and "
+        "text-to-image teacher, trained weights shipped in the repository (offline, images that "
+        "mean something); tiny: small random models, offline (fast tests); sd21-base-random: "
+        "SD-2.1-base-size architectures with random weights (speed benchmarks).",
     )
     sd_model_id: str | None = Field(
         None, description="Hub id or local diffusers folder overriding the preset's SD model."
@@ -23,7 +29,17 @@ class ModelConfig(StrictModel):
     dino_model_id: str | None = Field(
         None, description="Hub id or local folder overriding the preset's DINOv2 model."
     )
-    seed: int = Field(0, description="Seed of the random weights of the tiny/shapes presets.")
+    seed: int = Field(0, description="Seed of the random weights of the tiny/random presets and "
+                      "of the shapes preset's DINO encoder.")
+
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _renamed_preset(cls, value: object) -> object:
+        if isinstance(value, str) and value in RENAMED_PRESETS:
+            raise ValueError(f"preset {value!r} was renamed to {RENAMED_PRESETS[value]!r} (SD-2.1-"
+                             "base shapes with random weights); the 'shapes' preset is the shapes "
+                             "world's trained toy models")
+        return value
 
 
 class M2MConfig(StrictModel):

@@ -5,8 +5,12 @@
 - ``tiny``: the same architectures from small configs with seeded random weights, built in-process
   with no download; the tokenizer is the real CLIP BPE (``clip_tokenizer``). Tests and the offline
   demo use it.
-- ``sd21-base-shapes``: the full SD-2.1-base / DINOv2-giant architectures with random weights and no
-  download, for speed and memory work where only the shapes matter.
+- ``shapes``: the shapes world's toy models (``m2m_ray.shapes``): a trained toy VAE, text encoder
+  and UNet, shipped in ``models/weights/shapes/`` in the diffusers folder layout and loaded through
+  the same ``from_pretrained`` calls as ``sd21-base`` (offline; the images mean something); the real
+  CLIP tokenizer; a small seeded DINOv2 for M2M-DINO.
+- ``sd21-base-random``: the full SD-2.1-base / DINOv2-giant architectures with random weights and no
+  download, for speed and memory work where only the tensor shapes matter.
 
 A hub load that fails (offline machine, missing cache) raises ``PresetUnavailableError`` naming the
 ``tiny`` preset.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from m2m_ray.models.clip_tokenizer import clip_tokenizer
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
     from m2m_ray.models.config import ModelConfig
 
 SD21_BASE_ID = "stabilityai/stable-diffusion-2-1-base"
+SHAPES_WEIGHTS = Path(__file__).resolve().parent / "weights" / "shapes"  # python -m m2m_ray.shapes.train
 DINOV2_GIANT_ID = "facebook/dinov2-giant"
 
 # The published configs of SD-2.1-base (unet/, vae/, text_encoder/, scheduler/) and DINOv2-giant.
@@ -75,6 +81,10 @@ TINY_TEXT_CONFIG: dict[str, Any] = dict(
     num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
     bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
 )
+SHAPES_DINO_CONFIG: dict[str, Any] = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=4,
+    image_size=32,
+)
 TINY_DINO_CONFIG: dict[str, Any] = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=8,
     image_size=64,
@@ -100,6 +110,7 @@ class Preset:
     dino_resolution: int                # DINO input size (a multiple of its patch size)
     sd_model_id: str | None = None
     dino_model_id: str | None = None
+    tokenizer: str = "clip"             # "model": sd_model_id/tokenizer; "clip": the real CLIP BPE
     unet_config: dict[str, Any] = field(default_factory=dict)
     vae_config: dict[str, Any] = field(default_factory=dict)
     text_config: dict[str, Any] = field(default_factory=dict)
@@ -108,9 +119,12 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "sd21-base": Preset("sd21-base", pretrained=True, resolution=512, dino_resolution=224,
-                        sd_model_id=SD21_BASE_ID, dino_model_id=DINOV2_GIANT_ID),
-    "sd21-base-shapes": Preset(
-        "sd21-base-shapes", pretrained=False, resolution=512, dino_resolution=224,
+                        sd_model_id=SD21_BASE_ID, dino_model_id=DINOV2_GIANT_ID,
+                        tokenizer="model"),
+    "shapes": Preset("shapes", pretrained=True, resolution=32, dino_resolution=32,
+                     sd_model_id=str(SHAPES_WEIGHTS), dino_config=SHAPES_DINO_CONFIG),
+    "sd21-base-random": Preset(
+        "sd21-base-random", pretrained=False, resolution=512, dino_resolution=224,
         unet_config=SD21_UNET_CONFIG, vae_config=SD21_VAE_CONFIG, text_config=SD21_TEXT_CONFIG,
         dino_config=DINOV2_GIANT_CONFIG),
     "tiny": Preset(
@@ -126,7 +140,7 @@ def get_preset(model: "ModelConfig") -> Preset:
         # Explicit ids turn a preset into a pretrained one for that component.
         updates = {}
         if model.sd_model_id:
-            updates.update(sd_model_id=model.sd_model_id, pretrained=True)
+            updates.update(sd_model_id=model.sd_model_id, pretrained=True, tokenizer="model")
         if model.dino_model_id:
             updates.update(dino_model_id=model.dino_model_id)
         preset = Preset(**{**preset.__dict__, **updates})
@@ -159,8 +173,9 @@ def _finish(module: "torch.nn.Module", device: "torch.device | str | None",
             dtype: "torch.dtype | None") -> "torch.nn.Module":
     import torch
 
+    dtype = dtype or torch.float32  # weights stored in half precision load as float32 by default
     current = next(module.parameters())
-    if dtype is not None and dtype != current.dtype:
+    if dtype != current.dtype:
         module = module.to(dtype=dtype)
     if device is not None and torch.device(device) != current.device:
         module = module.to(device=device)
@@ -177,6 +192,19 @@ def unet_config(model: "ModelConfig") -> dict[str, Any]:
                            subfolder="unet")
         return {k: v for k, v in dict(config).items() if not k.startswith("_")}
     return copy.deepcopy(preset.unet_config)
+
+
+def vae_scale_factor(model: "ModelConfig") -> int:
+    """Pixels per latent cell of the preset's VAE (8 for SD-2.1-base, 4 for the shapes VAE)."""
+    preset = get_preset(model)
+    if preset.pretrained:
+        from diffusers import AutoencoderKL
+
+        config = _from_hub(AutoencoderKL.load_config, preset.sd_model_id, "the VAE config",
+                           subfolder="vae")
+    else:
+        config = preset.vae_config
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def load_unet(model: "ModelConfig", device=None, dtype=None):
@@ -220,7 +248,7 @@ def load_tokenizer(model: "ModelConfig"):
     from transformers import CLIPTokenizer
 
     preset = get_preset(model)
-    if preset.pretrained:
+    if preset.tokenizer == "model":
         return _from_hub(CLIPTokenizer.from_pretrained, preset.sd_model_id, "the tokenizer",
                          subfolder="tokenizer")
     return clip_tokenizer()

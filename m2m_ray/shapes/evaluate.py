@@ -1,0 +1,114 @@
+"""Measures of the shapes world: read-out accuracy, VAE agreement, teacher agreement and diversity.
+
+Agreement of an image with a target = the read-out's prediction equals the target's attribute;
+reported per attribute as a fraction of images. Within-set diversity = the mean pairwise L1 pixel
+distance (pixels in [0, 1]) between the images of a set, averaged over sets; the renderer's own
+figure for the same attributes is the reference (a model that draws one image 25 times scores 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from m2m_ray.shapes import world
+from m2m_ray.shapes.readout import AttributeReadout, to_tensor
+
+SCORED = ("shape", "colour", "background")
+
+
+def agreement(predicted: dict[str, list[str]], targets: Sequence[dict[str, Any]],
+              attributes: Sequence[str] = SCORED) -> dict[str, float]:
+    """Per attribute, the fraction of images whose prediction equals its target (targets without
+    the attribute, e.g. a caption that names no count, are not counted)."""
+    out = {}
+    for name in attributes:
+        pairs = [(p, t[name]) for p, t in zip(predicted[name], targets) if t.get(name) is not None]
+        out[name] = round(sum(p == str(t) for p, t in pairs) / len(pairs), 4) if pairs else None
+    return out
+
+
+def readout_accuracy(readout: AttributeReadout, seed: int, count: int = 2000) -> dict[str, float]:
+    """Accuracy on ``count`` held-out renders (a seed the training never used)."""
+    rng = np.random.default_rng(seed)
+    attributes = [world.sample_attributes(rng) for _ in range(count)]
+    images = np.stack([world.render(a) for a in attributes])
+    targets = [{"shape": a.shape, "colour": a.colour, "background": a.background,
+                "count": str(a.count)} for a in attributes]
+    return agreement(readout.predict(images), targets, (*SCORED, "count"))
+
+
+@torch.no_grad()
+def vae_agreement(vae, readout: AttributeReadout, seed: int, count: int = 1000
+                  ) -> dict[str, Any]:
+    """Read-out on VAE reconstructions (posterior mean) of held-out renders vs their ground truth;
+    also the mean absolute pixel error."""
+    rng = np.random.default_rng(seed)
+    attributes = [world.sample_attributes(rng) for _ in range(count)]
+    images = np.stack([world.render(a) for a in attributes])
+    recon = []
+    for start in range(0, count, 64):
+        x = to_tensor(images[start:start + 64]) * 2 - 1
+        out = vae.decode(vae.encode(x).latent_dist.mean).sample
+        recon.append(((out / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1))
+    recon_np = torch.cat(recon).numpy()
+    targets = [{"shape": a.shape, "colour": a.colour, "background": a.background,
+                "count": str(a.count)} for a in attributes]
+    result: dict[str, Any] = agreement(readout.predict(recon_np), targets, (*SCORED, "count"))
+    result["mean_abs_pixel_error"] = round(float(np.abs(recon_np.astype(np.float32)
+                                                        - images).mean() / 255), 4)
+    return result
+
+
+def within_set_diversity(sets: np.ndarray) -> float:
+    """uint8 ``[S, N, H, W, 3]`` → mean pairwise L1 distance in [0, 1] within sets."""
+    values = []
+    for images in sets.astype(np.float32) / 255:
+        flat = images.reshape(len(images), -1)
+        distances = np.abs(flat[:, None] - flat[None]).mean(-1)
+        values.append(distances[np.triu_indices(len(images), 1)].mean())
+    return round(float(np.mean(values)), 4)
+
+
+def renderer_diversity(keys: Sequence[tuple[str, str, str]], per_set: int, seed: int) -> float:
+    """The renderer's within-set diversity for sets of fixed (shape, colour, background)."""
+    rng = np.random.default_rng(seed)
+    sets = np.stack([np.stack([world.render(world.sample_attributes(
+        rng, shape=s, colour=c, background=b)) for _ in range(per_set)]) for s, c, b in keys])
+    return within_set_diversity(sets)
+
+
+def teacher_agreement(model_preset: str, captions: Sequence[str],
+                      targets: Sequence[dict[str, Any]], images_per_caption: int = 25,
+                      guidance_scale: float = 7.5, steps: int = 25, seed: int = 0,
+                      readout: AttributeReadout | None = None) -> dict[str, Any]:
+    """Sample the teacher through MIS stage 2's ``SDSetGenerator`` (Euler, seeded per image) for
+    each caption, read the images out, and compare with the caption's attributes."""
+    from m2m_ray.mis.config import GenerateConfig
+    from m2m_ray.mis.generate import SDSetGenerator
+    from m2m_ray.models.config import ModelConfig
+
+    cfg = GenerateConfig(images_per_caption=images_per_caption, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, height=32, width=32, base_seed=seed,
+                         actors={"num_gpus": 0}, keep_latents=False)
+    generator = SDSetGenerator(ModelConfig(preset=model_preset), cfg)
+    sets = []
+    for start in range(0, len(captions), 4):
+        chunk = list(captions[start:start + 4])
+        _, pixels, _ = generator.generate(chunk, list(range(start + 1, start + 1 + len(chunk))))
+        sets.append(pixels)
+    images = np.concatenate(sets)                                   # (S, N, H, W, 3)
+    readout = readout or AttributeReadout.load()
+    predicted = readout.predict(images.reshape(-1, *images.shape[2:]))
+    per_image = [t for t in targets for _ in range(images_per_caption)]
+    keys = [(t["shape"], t["colour"], t["background"]) for t in targets]
+    return {"guidance_scale": guidance_scale, "steps": steps, "sets": len(captions),
+            "images_per_set": images_per_caption,
+            "agreement": agreement(predicted, per_image),
+            "all_three": round(float(np.mean([all(predicted[a][i] == per_image[i][a] for a in SCORED)
+                                              for i in range(len(per_image))])), 4),
+            "diversity": within_set_diversity(images),
+            "renderer_diversity": renderer_diversity(keys, images_per_caption, seed + 1),
+            "images": images}
