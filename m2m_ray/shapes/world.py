@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import colorsys
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -69,9 +69,6 @@ class Attributes:
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.shape, self.colour, self.background)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def sample_attributes(rng: np.random.Generator, shape: str | None = None,
