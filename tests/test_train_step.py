@@ -351,3 +351,17 @@ def test_train_step_benchmark_reports_json():
         assert result["samples_per_s"] > 0 and result["peak_memory"]["bytes"] > 0
         assert (result["dino_forward_s"] is None) == (variant == "self")
         assert result["settings"]["gradient_checkpointing"] is False  # CPU default
+
+
+def test_a_local_ray_too_small_for_workers_and_reads_fails_fast_with_the_fix():
+    """Found running the shapes demo: 2 workers × 1 CPU on a 2-CPU local Ray left no CPU for the
+    read tasks and Ray Train waited forever. Now it is an error that names the keys to change."""
+    from m2m_ray.config import load_config
+    from m2m_ray.train.config import TrainConfig
+    from m2m_ray.train.trainer import check_local_resources
+
+    cfg = load_config(TrainConfig, Path(__file__).parents[1] / "configs/shapes/m2m-self.yaml", [])
+    check_local_resources(cfg, 4.0)
+    check_local_resources(cfg, 2.25)  # exactly room for one read task
+    with pytest.raises(ValueError, match=r"has 2 CPUs.*ray\.num_cpus"):
+        check_local_resources(cfg, 2.0)

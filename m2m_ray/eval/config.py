@@ -20,9 +20,10 @@ from m2m_ray.sampling.config import GenerateSetsConfig
 
 
 class EvalExtractorsConfig(StrictModel):
-    kind: Literal["real", "tiny"] = Field(
+    kind: Literal["real", "tiny", "shapes"] = Field(
         "real", description="real: FID Inception-v3 + CLIP weights; tiny: seeded random "
-        "stand-ins for tests and the offline demo (reports say their numbers are meaningless).")
+        "stand-ins for tests (reports say their numbers are meaningless); shapes: the shapes "
+        "world's attribute read-out (m2m_ray/eval/shapes_extractors.py), for shapes-world models.")
     inception_weights: str = Field(
         "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
         "pt_inception-2015-12-05-6726825d.pth",

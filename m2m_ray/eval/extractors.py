@@ -3,8 +3,9 @@
 ``kind="real"``: the FID Inception-v3 with the standard ``pt_inception-2015-12-05`` weights
 (m2m_ray/eval/inception.py; path, s3:// or URL) and a Hugging Face CLIP by hub id or local folder
 (default ``openai/clip-vit-large-patch14``). ``kind="tiny"``: seeded random stand-ins of the same
-interfaces, offline and fast, for tests and the offline demo; every report built from them says
-so in its title, because their numbers measure nothing.
+interfaces, offline and fast, for tests and the tiny demo; every report built from them says
+so in its title, because their numbers measure nothing. ``kind="shapes"``: the shapes world's
+read-out behind the same interface (``shapes_extractors.py``).
 
 CLIP preprocessing is written out here (no image-processor download): resize the shorter side to the
 model's image size with bicubic resampling, center crop, scale to [0, 1] and normalise with OpenAI's
@@ -112,6 +113,10 @@ def extractor_label(cfg: "EvalExtractorsConfig") -> str:
     """What the numbers were measured with, for every report."""
     if cfg.kind == "tiny":
         return TINY_LABEL.format(seed=cfg.tiny_seed)
+    if cfg.kind == "shapes":
+        from m2m_ray.eval.shapes_extractors import SHAPES_LABEL
+
+        return SHAPES_LABEL
     return f"FID Inception-v3 ({cfg.inception_weights}); CLIP {cfg.clip_model_id}"
 
 
@@ -183,3 +188,13 @@ class Extractors:
             ).pooler_output  # (n, e)
             out.append(F.normalize(embeds.float(), dim=-1).cpu().numpy())
         return np.concatenate(out)
+
+
+def load_extractors(cfg: "EvalExtractorsConfig", device: str = "cpu",
+                    storage: "StorageConfig | None" = None):
+    """The extractors ``cfg.kind`` names: ``Extractors`` (real, tiny) or ``ShapesExtractors``."""
+    if cfg.kind == "shapes":
+        from m2m_ray.eval.shapes_extractors import ShapesExtractors
+
+        return ShapesExtractors(cfg.image_batch_size, device)
+    return Extractors(cfg, device, storage)

@@ -81,11 +81,11 @@ class SetFeatureExtractor:
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
 
-        from m2m_ray.eval.extractors import Extractors
+        from m2m_ray.eval.extractors import load_extractors
 
         self.cfg = EvalConfig.model_validate(cfg_dict)
         device = pick_device(self.cfg.actors.num_gpus, "the evaluation actor pool")
-        self.extractors = Extractors(self.cfg.extractors, device, self.cfg.storage)
+        self.extractors = load_extractors(self.cfg.extractors, device, self.cfg.storage)
         self.readers = ThreadPoolExecutor(self.cfg.read_threads)
 
     def _read_sets(self, batch: dict[str, np.ndarray]) -> tuple[list[int], list, list]:

@@ -29,7 +29,18 @@ METRICS = [  # key in a per-k row, column title, better
     ("clip_text", "CLIP-T", "↑"),
     ("clip_image", "CLIP-I", "↑"),
 ]
+SHAPES_METRICS = [  # the same keys measured by the shapes extractors (shapes_extractors.py)
+    ("fid", "FID (read-out features)", "↓"),
+    ("is_mean", "IS (48 attribute classes)", "↑"),
+    ("clip_text", "caption agreement %", "↑"),
+    ("clip_image", "context agreement %", "↑"),
+]
 MAX_LISTED_SKIPS = 100
+
+
+def metrics_of(kind: str) -> list[tuple[str, str, str]]:
+    """(key, column title, better) of the report's metrics for an extractor kind."""
+    return SHAPES_METRICS if kind == "shapes" else METRICS
 
 
 def _mean_std(values: list[float | None]) -> dict[str, Any]:
@@ -44,10 +55,12 @@ def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
                  sets_evaluated: int, skipped: list[dict[str, str]], splits: dict[str, int],
                  per_k: list[dict[str, Any]], extractor_label: str, method: str | None,
                  wall_s: float) -> dict[str, Any]:
-    tiny = cfg.extractors.kind == "tiny"
+    tiny, kind = cfg.extractors.kind == "tiny", cfg.extractors.kind
+    titles = ", ".join(title for _, title, _ in metrics_of(kind))
     return {
         "title": ("[TINY RANDOM EXTRACTORS: meaningless numbers] " if tiny else "")
-        + "M2M evaluation: FID, IS, CLIP-T, CLIP-I per generated image k",
+        + ("M2M on the shapes world: " if kind == "shapes" else "M2M evaluation: ")
+        + f"{titles} per generated image k",
         "extractors": {"kind": cfg.extractors.kind, "label": extractor_label},
         "method": method or generations_uri.rstrip("/").rsplit("/", 1)[-1],
         "input": {
@@ -73,9 +86,14 @@ def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
             "clip_image": "mean over the K context images of CLIPScore (same w) of the k-th "
                           "generated image and that context image",
             "summary": "mean ± std (ddof 0) over k = 1..M, as the paper's Table 1",
+            **({"shapes": "FID on the read-out's pooled features; IS over 48 joint attribute "
+                          "classes; CLIP-T / CLIP-I measure the % of shape, colour, background "
+                          "agreeing with the caption / each context image (one-hot embeddings)"}
+               if kind == "shapes" else {}),
         },
         "per_k": per_k,
         "summary": {key: _mean_std([row[key] for row in per_k]) for key, _, _ in METRICS},
+        "metric_titles": {key: title for key, title, _ in metrics_of(kind)},
         "config": config_to_dict(cfg),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": round(wall_s, 2),
@@ -90,6 +108,7 @@ def _fmt(value: float | None) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     inp, proto = report["input"], report["protocol"]
+    metrics = metrics_of(report["extractors"]["kind"])
     lines = [f"# {report['title']}", ""]
     if report["extractors"]["kind"] == "tiny":
         lines += [f"> **{report['extractors']['label']}**", ""]
@@ -105,15 +124,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Table 1 layout (mean ± std over k)",
         "",
-        "| Method | " + " | ".join(f"{t} {b}" for _, t, b in METRICS) + " |",
-        "|---" * (len(METRICS) + 1) + "|",
+        "| Method | " + " | ".join(f"{t} {b}" for _, t, b in metrics) + " |",
+        "|---" * (len(metrics) + 1) + "|",
         f"| {report['method']} | " + " | ".join(
             f"{_fmt(report['summary'][k]['mean'])} ± {_fmt(report['summary'][k]['std'])}"
-            for k, _, _ in METRICS) + " |",
+            for k, _, _ in metrics) + " |",
         "",
         "## Per generated image k",
         "",
-        "| k | images | FID ↓ | IS ↑ (± std over splits) | CLIP-T ↑ | CLIP-I ↑ |",
+        "| k | images | {} {} | {} {} (± std over splits) | {} {} | {} {} |".format(
+            *[part for _, t, b in metrics for part in (t, b)]),
         "|---|---|---|---|---|---|",
     ]
     for row in report["per_k"]:
@@ -143,8 +163,9 @@ def render_plot(report: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     ks = [row["k"] for row in report["per_k"]]
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
-    for ax, (key, title, better) in zip(axes, METRICS):
+    metrics = metrics_of(report["extractors"]["kind"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4))
+    for ax, (key, title, better) in zip(axes, metrics):
         values = [np.nan if row[key] is None else row[key] for row in report["per_k"]]
         errors = ([np.nan if row["is_std"] is None else row["is_std"] for row in report["per_k"]]
                   if key == "is_mean" else None)

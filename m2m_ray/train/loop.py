@@ -103,6 +103,8 @@ class Worker:
             if checkpoint_now or step % cfg.log_every_steps == 0:
                 metrics = self.metrics(window)
                 self.state.train_seconds += window.seconds()
+                if self.rank == 0:  # Ray forwards worker stdout to the driver's console
+                    print(progress_line(metrics, cfg.max_steps), flush=True)
                 if checkpoint_now:
                     self.report_checkpoint(metrics)
                 else:
@@ -217,6 +219,13 @@ class Worker:
         storage.write_bytes(marker, b"injected\n", self.cfg.storage)
         raise RuntimeError(f"injected failure on rank {self.rank} after step {step} "
                            "(fault_injection.fail_at_step)")
+
+
+def progress_line(metrics: dict[str, float], max_steps: int) -> str:
+    """One console line per logging interval: ``[train] step 25/400 loss 0.1234 ...``."""
+    return (f"[train] step {metrics['train/step']}/{max_steps} loss {metrics['train/loss']:.4f} "
+            f"lr {metrics['train/lr']:.2e} grad_norm {metrics['train/grad_norm']:.3f} "
+            f"{metrics['train/images_per_s']:.1f} images/s")
 
 
 class Window:

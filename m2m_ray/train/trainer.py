@@ -11,6 +11,7 @@ and storage path continues from the run's last checkpoint (raise ``max_steps`` t
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,29 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     )
 
 
+def check_local_resources(cfg: TrainConfig, cpus: float) -> None:
+    """Fail fast where Ray would wait forever: on a fixed-size local Ray of ``cpus`` logical CPUs
+    (no autoscaler to add nodes), the training workers must leave room for one data read task.
+
+    Raises ``ValueError`` naming the numbers and the keys that fix it."""
+    workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    read = cfg.data.read.num_cpus
+    if workers + read > cpus + 1e-9:
+        raise ValueError(
+            f"the local Ray has {cpus:g} CPUs; {cfg.scaling.num_workers} training workers × "
+            f"{cfg.scaling.cpus_per_worker:g} CPUs leave {max(cpus - workers, 0):g} for the data "
+            f"read tasks (data.read.num_cpus {read:g} each), so the run would wait forever. Raise "
+            "ray.num_cpus (logical CPUs may exceed the cores), or lower scaling.cpus_per_worker "
+            "or data.read.num_cpus")
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Fit (or continue) the run, export the final EMA model when ``export_uri`` is set, and
     return a summary: run folder, last checkpoint, step, epoch, last metrics, the kept checkpoints
     with their metrics, skipped bad data, export."""
     start = time.perf_counter()
+    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        check_local_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     counter = start_error_counter(cfg)  # held here: the actor lives as long as this handle
     result = build_trainer(cfg).fit()
     checkpoint = result.checkpoint

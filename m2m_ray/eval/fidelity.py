@@ -1,0 +1,381 @@
+"""Method fidelity on the shapes world: do the images M2M generates take their context's shape,
+colour and background (paper §8.1–8.2, Figure 6: more context helps), and does that survive
+context from outside its training distribution (§8.3's zero-shot setting)?
+
+    python -m m2m_ray.eval.fidelity --model outputs/shapes/model --mis outputs/shapes/mis \
+        --out outputs/shapes/fidelity/fidelity.json
+
+For S context sets and each K: the first K images of a set are the context, M images are generated
+auto-regressively (``M2MPipeline.generate``), and the shapes world's attribute read-out
+(``m2m_ray.shapes.readout``) reads every image. The *context's attribute* is the read-out's
+majority over the K context images (ties: the earliest image's). Reported per attribute, as the
+fraction of generated images that carry the context's attribute:
+
+- ``m2m``: the model with its context, overall and per generated position k = 1..M (drift over a
+  long auto-regressive run, the paper's stated limitation);
+- ``context_dropped``: the same model with no context (the unconditional branch, the training's
+  10% dropped sets): one image per draw, so it can follow nothing; its agreement with the context
+  is the base rate, and ``base_rate`` is what independence predicts (mean over sets of the
+  unconditional samples' frequency of the context's value);
+- ``chance``: 1 / number of values;
+- ``teacher``: the text-to-image teacher given the set's caption (MIS sets: the set's own images
+  after the context, which the teacher drew from the caption; rendered sets: drawn here) — an upper
+  reference: what caption-level information achieves.
+
+Context sources: MIS test sets (the teacher's images, as in training), and images straight from
+the renderer (this world's "real images"; M2M never trained on one), also for attribute
+combinations held out of the teacher's captions and of shapes-MIS
+(``m2m_ray.shapes.teacher.HELD_OUT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from m2m_ray.formats.mis import iter_mis
+from m2m_ray.shapes import world
+from m2m_ray.shapes.evaluate import SCORED
+from m2m_ray.shapes.readout import AttributeReadout
+
+if TYPE_CHECKING:
+    from m2m_ray.sampling.config import SampleConfig
+    from m2m_ray.sampling.pipeline import M2MPipeline
+
+CHANCE = {name: round(1 / len(values), 4) for name, values in world.ATTRIBUTES.items()}
+
+
+@dataclass
+class ContextSets:
+    """S image sets to take contexts from. ``images``: uint8 ``[S, N, H, W, 3]``, N ≥ the
+    largest K; ``captions``: S strings; ``reference``: uint8 ``[S, R, H, W, 3]`` images the
+    teacher drew from each caption, or None (drawn on demand)."""
+
+    name: str
+    images: np.ndarray
+    captions: list[str]
+    reference: np.ndarray | None = None
+
+
+def mis_context_sets(root: str, split: str = "test", max_sets: int | None = 32,
+                     fmt: str = "parquet", context_images: int = 4) -> ContextSets:
+    """The first ``max_sets`` sets of ``split`` of a shapes-MIS: images ``[:context_images]`` are
+    contexts, the rest the teacher reference. Raises ``FileNotFoundError`` when there are none."""
+    images, captions = [], []
+    for sample in itertools.islice(iter_mis(root, fmt, split=split), max_sets):
+        images.append(np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+                                for b in sample["images"]]))
+        captions.append(sample["caption"])
+    if not images:
+        raise FileNotFoundError(f"no {split} sets in the {fmt} MIS at {root}; build a shapes-MIS "
+                                "with pipelines/build_mis.py --config configs/shapes/build_mis.yaml")
+    stacked = np.stack(images)
+    return ContextSets(f"MIS {split}", stacked[:, :context_images], captions,
+                       stacked[:, context_images:])
+
+
+def renderer_context_sets(keys: Sequence[tuple[str, str, str]], sets_per_key: int,
+                          per_set: int, seed: int, name: str = "renderer") -> ContextSets:
+    """``sets_per_key`` sets of ``per_set`` fresh renders for every (shape, colour, background)
+    in ``keys`` (nuisances drawn from ``seed``); captions in the world's English."""
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for shape, colour, background in keys:
+        for _ in range(sets_per_key):
+            drawn = [world.sample_attributes(rng, shape=shape, colour=colour,
+                                             background=background) for _ in range(per_set)]
+            images.append(np.stack([world.render(a) for a in drawn]))
+            captions.append(world.caption(drawn[0], rng))
+    return ContextSets(name, np.stack(images), captions)
+
+
+def context_attributes(readout: AttributeReadout, context: np.ndarray) -> list[dict[str, str]]:
+    """uint8 ``[S, K, H, W, 3]`` → per set the read-out's majority value of each attribute over
+    its K images (ties: the earliest image's value)."""
+    S, K = context.shape[:2]
+    predicted = readout.predict(context.reshape(S * K, *context.shape[2:]))
+    out = []
+    for s in range(S):
+        row = {}
+        for name in SCORED:
+            values = predicted[name][s * K:(s + 1) * K]
+            counts = Counter(values)
+            row[name] = max(values, key=lambda v: (counts[v], -values.index(v)))
+        out.append(row)
+    return out
+
+
+def _agree(predicted: dict[str, list[str]], targets: Sequence[dict[str, str]], per: int
+           ) -> np.ndarray:
+    """Boolean ``[attributes, S, per]``: image j of set s carries its set's target value."""
+    S = len(targets)
+    return np.stack([np.array([p == targets[i // per][name] for i, p in
+                               enumerate(predicted[name])]).reshape(S, per) for name in SCORED])
+
+
+def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """``[..., 3, H, W]`` in [0, 1] → uint8 ``[..., H, W, 3]``."""
+    return (pixels.clamp(0, 1) * 255).round().byte().movedim(-3, -1).numpy()
+
+
+def _generate(pipe: "M2MPipeline", context: np.ndarray, spec: "SampleConfig", seed: int
+              ) -> np.ndarray:
+    """uint8 contexts ``[S, K, H, W, 3]`` → uint8 ``[S, M, H, W, 3]``, one seeded generator per
+    set (set s: ``seed + s``), so a result does not depend on the batch it ran in."""
+    sets = [[Image.fromarray(image) for image in images] for images in context]
+    generators = [torch.Generator().manual_seed(seed + s) for s in range(len(sets))]
+    return _to_uint8(pipe.generate(sets, spec, generators, output_type="pt"))
+
+
+def teacher_reference(sets: ContextSets, count: int, seed: int,
+                      guidance_scale: float = 7.5, steps: int = 25) -> np.ndarray:
+    """``count`` images per caption from the shapes teacher through MIS stage 2's generator."""
+    from m2m_ray.mis.config import GenerateConfig
+    from m2m_ray.mis.generate import SDSetGenerator
+    from m2m_ray.models.config import ModelConfig
+
+    cfg = GenerateConfig(images_per_caption=count, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, height=32, width=32, base_seed=seed,
+                         actors={"num_gpus": 0}, keep_latents=False)
+    generator = SDSetGenerator(ModelConfig(preset="shapes"), cfg)
+    chunks = []
+    for start in range(0, len(sets.captions), 8):
+        chunk = sets.captions[start:start + 8]
+        chunks.append(generator.generate(chunk, list(range(start, start + len(chunk))))[1])
+    return np.concatenate(chunks)
+
+
+def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
+                     spec: "SampleConfig", readout: AttributeReadout | None = None,
+                     seed: int = 0, teacher_images: int = 4) -> dict[str, Any]:
+    """The module docstring's table for one context source: per K in ``ks`` (each ≤ N), the
+    agreement of ``spec.num_images`` generated images with the context, next to the
+    context-dropped model, its base rate, chance and the teacher (sets without reference images:
+    ``teacher_images`` drawn per caption; 0: no teacher column). Returns a JSON-ready dict
+    (``rows[-1]["examples"]`` holds image arrays; ``write_fidelity_report`` leaves them out).
+
+    Raises ``ValueError`` when a K exceeds the context images the sets hold."""
+    from m2m_ray.sampling.config import SampleConfig
+
+    readout = readout or AttributeReadout.load()
+    if max(ks) > sets.images.shape[1]:
+        raise ValueError(f"K up to {max(ks)} but the {sets.name} sets hold "
+                         f"{sets.images.shape[1]} context images")
+    S, M = len(sets.captions), spec.num_images
+    # The unconditional branch: S·M independent single images with no context at all.
+    single = SampleConfig(**{**spec.model_dump(), "num_images": 1})
+    dropped = _generate(pipe, np.zeros((S * M, 0, *sets.images.shape[2:]), np.uint8), single,
+                        seed + 10_000).reshape(S, M, *sets.images.shape[2:])
+    dropped_read = readout.predict(dropped.reshape(S * M, *dropped.shape[2:]))
+    reference = sets.reference
+    if (reference is None or reference.shape[1] == 0) and teacher_images:
+        reference = teacher_reference(sets, teacher_images, seed + 20_000)
+    elif reference is not None and reference.shape[1] == 0:
+        reference = None  # no teacher column (teacher_images=0)
+    reference_read = (None if reference is None else
+                      readout.predict(reference.reshape(-1, *reference.shape[2:])))
+    rows = []
+    for K in ks:
+        targets = context_attributes(readout, sets.images[:, :K])
+        generated = _generate(pipe, sets.images[:, :K], spec, seed)
+        agree = _agree(readout.predict(generated.reshape(S * M, *generated.shape[2:])), targets, M)
+        base = _agree(dropped_read, targets, M)
+        teacher = (None if reference is None else
+                   _agree(reference_read, targets, reference.shape[1]).mean(axis=(1, 2)))
+        frequency = {name: Counter(dropped_read[name]) for name in SCORED}
+        rows.append({
+            "K": K,
+            "m2m": _by_attribute(agree.mean(axis=(1, 2))),
+            "m2m_all_three": round(float(agree.all(axis=0).mean()), 4),
+            "m2m_per_k": [_by_attribute(agree[:, :, k].mean(axis=1)) for k in range(M)],
+            "context_dropped": _by_attribute(base.mean(axis=(1, 2))),
+            "base_rate": {name: round(float(np.mean([frequency[name][t[name]] / (S * M)
+                                                     for t in targets])), 4) for name in SCORED},
+            "teacher": None if teacher is None else _by_attribute(teacher),
+            "chance": {name: CHANCE[name] for name in SCORED},
+        })
+        if K == max(ks):
+            rows[-1]["examples"] = {"context": sets.images[:8, :K], "generated": generated[:8],
+                                    "captions": sets.captions[:8]}
+    return {"source": sets.name, "sets": S, "generated_images": M, "rows": rows}
+
+
+def _by_attribute(values: np.ndarray) -> dict[str, float]:
+    return {name: round(float(v), 4) for name, v in zip(SCORED, values)}
+
+
+# --- reports ---------------------------------------------------------------------------------------
+
+
+def render_fidelity_markdown(results: dict[str, Any]) -> str:
+    """The Table of ``measure_fidelity`` results: one row per (source, K), one column group per
+    attribute (M2M | context dropped | base rate | chance | teacher)."""
+    head = ("| context source | K | " + " | ".join(
+        f"{a}: M2M / dropped / base / teacher" for a in SCORED) + " | all three (M2M) |")
+    lines = [f"M2M-{results['variant']} ({results['model']}); chance: "
+             + ", ".join(f"{a} {CHANCE[a]:.2f}" for a in SCORED) + ".", "", head,
+             "|---|---|" + "---|" * (len(SCORED) + 1)]
+    for source in results["sources"]:
+        for row in source["rows"]:
+            teacher = row["teacher"] or {}
+            cells = [f"**{row['m2m'][a]:.3f}** / {row['context_dropped'][a]:.3f} / "
+                     f"{row['base_rate'][a]:.3f} / "
+                     + (f"{teacher[a]:.3f}" if a in teacher else "–") for a in SCORED]
+            lines.append(f"| {source['source']} ({source['sets']} sets) | {row['K']} | "
+                         + " | ".join(cells) + f" | {row['m2m_all_three']:.3f} |")
+    drift = results.get("drift")
+    if drift:
+        row = drift["rows"][0]
+        lines += ["", f"Per generated position k (K = {row['K']}, {drift['sets']} "
+                  f"{drift['source']} sets):", "",
+                  "| k | " + " | ".join(SCORED) + " |", "|---|" + "---|" * len(SCORED)]
+        lines += [f"| {k + 1} | " + " | ".join(f"{values[a]:.3f}" for a in SCORED) + " |"
+                  for k, values in enumerate(row["m2m_per_k"])]
+    return "\n".join(lines) + "\n"
+
+
+def render_fidelity_plot(results: dict[str, Any]) -> bytes:
+    """PNG: agreement against K per attribute and source (dashed: context dropped), and the
+    per-k curve of the drift run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = len(SCORED) + (1 if results.get("drift") else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.4))
+    for ax, name in zip(axes, SCORED):
+        for index, source in enumerate(results["sources"]):
+            ks = [row["K"] for row in source["rows"]]
+            colour = f"C{index}"
+            ax.plot(ks, [row["m2m"][name] for row in source["rows"]], "o-", color=colour,
+                    label=source["source"])
+            ax.plot(ks, [row["context_dropped"][name] for row in source["rows"]], "x--",
+                    color=colour, alpha=0.6)
+        ax.axhline(CHANCE[name], color="grey", lw=0.8, ls=":", label="chance")
+        ax.set(title=f"{name} agreement with context", xlabel="K (context images)",
+               ylim=(0, 1.02), xticks=[row["K"] for row in results["sources"][0]["rows"]])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, loc="lower right")
+    if results.get("drift"):
+        row = results["drift"]["rows"][0]
+        ax = axes[-1]
+        for name in SCORED:
+            ax.plot(range(1, len(row["m2m_per_k"]) + 1),
+                    [values[name] for values in row["m2m_per_k"]], "o-", label=name)
+        ax.set(title=f"drift: K = {row['K']}", xlabel="k (generated image)", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"M2M-{results['variant']} on the shapes world (dashed: context dropped)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def fidelity_sheet(source: dict[str, Any], thumb: int = 64) -> Image.Image:
+    """Contact sheet of the largest K's first sets: context | arrow | generated, caption below."""
+    from m2m_ray.viz import arrow_tile, contact_sheet
+
+    examples = source["rows"][-1]["examples"]
+    rows = []
+    for context, generated, text in zip(examples["context"], examples["generated"],
+                                        examples["captions"]):
+        tiles = ([Image.fromarray(i) for i in context] + [arrow_tile(context.shape[1])]
+                 + [Image.fromarray(i) for i in generated])
+        rows.append((text, tiles))
+    return contact_sheet(rows, thumb)
+
+
+def write_fidelity_report(results: dict[str, Any], out: str) -> dict[str, str]:
+    """``out`` (a .json path) plus .md, .png and _sheet.png beside it; returns the paths. The
+    example images stay out of the JSON."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    paths = {"json": str(path), "md": str(path.with_suffix(".md")),
+             "png": str(path.with_suffix(".png")),
+             "sheet": str(path.with_name(path.stem + "_sheet.png"))}
+    fidelity_sheet(results["sources"][0]).save(paths["sheet"])
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "examples"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    path.write_text(json.dumps(strip(results), indent=2))
+    Path(paths["md"]).write_text(render_fidelity_markdown(results))
+    Path(paths["png"]).write_bytes(render_fidelity_plot(results))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="an exported M2M pipeline folder")
+    parser.add_argument("--mis", default="outputs/shapes/mis", help="a shapes-MIS root")
+    parser.add_argument("--out", required=True, help="results JSON (siblings: .md, .png)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--num-images", type=int, default=4, help="M per set")
+    parser.add_argument("--drift", type=int, default=10, help="M of the per-k drift run; 0: none")
+    parser.add_argument("--sets", type=int, default=32, help="MIS test sets")
+    parser.add_argument("--renderer-sets", type=int, default=1,
+                        help="rendered sets per attribute combination")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--scheduler", default="euler")
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    from m2m_ray.sampling.config import SampleConfig
+    from m2m_ray.sampling.pipeline import M2MPipeline
+    from m2m_ray.shapes.teacher import HELD_OUT
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    pipe = M2MPipeline.from_pretrained(args.model)
+    readout = AttributeReadout.load()
+    spec = SampleConfig(num_images=args.num_images, num_inference_steps=args.steps,
+                        scheduler=args.scheduler, guidance_scale=args.guidance,
+                        context_window=max(args.ks) + max(args.num_images, args.drift))
+    seen = [k for k in itertools.product(world.SHAPES, world.COLOURS, world.BACKGROUNDS)
+            if k not in HELD_OUT]
+    sources = [
+        mis_context_sets(args.mis, "test", args.sets, context_images=max(args.ks)),
+        renderer_context_sets(seen, args.renderer_sets, max(args.ks), args.seed + 1,
+                                       "renderer (combinations in shapes-MIS)"),
+        renderer_context_sets(HELD_OUT, max(4, args.renderer_sets * 4), max(args.ks),
+                                       args.seed + 2, "renderer (held-out combinations)"),
+    ]
+    results = {"model": args.model, "variant": pipe.variant, "spec": spec.model_dump(),
+               "command": "python -m m2m_ray.eval.fidelity " + " ".join(argv or sys.argv[1:]),
+               "machine": f"CPU, {torch.get_num_threads()} torch threads", "sources": []}
+    for sets in sources:
+        results["sources"].append(measure_fidelity(pipe, sets, args.ks, spec, readout,
+                                                            args.seed))
+        print(f"[fidelity] {sets.name}: {time.perf_counter() - started:.0f} s", flush=True)
+    if args.drift:
+        long = spec.model_copy(update={"num_images": args.drift})
+        results["drift"] = measure_fidelity(pipe, sources[0], [max(args.ks)], long,
+                                                     readout, args.seed)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    paths = write_fidelity_report(results, args.out)
+    print(Path(paths["md"]).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
