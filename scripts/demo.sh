@@ -35,7 +35,7 @@ $PY pipelines/evaluate.py --config configs/shapes/evaluate.yaml
 
 step "5/5 method fidelity: does M2M take its context's shape, colour and background?"
 $PY -m m2m_ray.eval.fidelity --model $OUT/model --mis $OUT/mis --out $OUT/fidelity/fidelity.json \
-  --sets 16 --drift 8
+  --sets 16 --drift 8   # up to 16 MIS test sets (this MIS has 14), K = 1, 2, 4 → M = 4; drift: M = 8
 
 echo
 echo "done ($(date +%H:%M:%S)): $OUT/ (captions.tsv, mis/, mis_preview.png, mis_report/, train/, model/,"
