@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 
 from m2m_ray.formats.mis import iter_mis
+from m2m_ray.shapes import evaluate as shapes_evaluate
 from m2m_ray.shapes import world
 from m2m_ray.shapes.evaluate import SCORED
 from m2m_ray.shapes.readout import AttributeReadout
@@ -139,24 +140,6 @@ def _generate(pipe: "M2MPipeline", context: np.ndarray, spec: "SampleConfig", se
     return _to_uint8(pipe.generate(sets, spec, generators, output_type="pt"))
 
 
-def teacher_reference(sets: ContextSets, count: int, seed: int,
-                      guidance_scale: float = 7.5, steps: int = 25) -> np.ndarray:
-    """``count`` images per caption from the shapes teacher through MIS stage 2's generator."""
-    from m2m_ray.mis.config import GenerateConfig
-    from m2m_ray.mis.generate import SDSetGenerator
-    from m2m_ray.models.config import ModelConfig
-
-    cfg = GenerateConfig(images_per_caption=count, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, height=32, width=32, base_seed=seed,
-                         actors={"num_gpus": 0}, keep_latents=False)
-    generator = SDSetGenerator(ModelConfig(preset="shapes"), cfg)
-    chunks = []
-    for start in range(0, len(sets.captions), 8):
-        chunk = sets.captions[start:start + 8]
-        chunks.append(generator.generate(chunk, list(range(start, start + len(chunk))))[1])
-    return np.concatenate(chunks)
-
-
 def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
                      spec: "SampleConfig", readout: AttributeReadout | None = None,
                      seed: int = 0, teacher_images: int = 4) -> dict[str, Any]:
@@ -181,7 +164,10 @@ def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
     dropped_read = readout.predict(dropped.reshape(S * M, *dropped.shape[2:]))
     reference = sets.reference
     if (reference is None or reference.shape[1] == 0) and teacher_images:
-        reference = teacher_reference(sets, teacher_images, seed + 20_000)
+        # the teacher given each caption, through MIS stage 2's generator (Euler, guidance 7.5)
+        reference = shapes_evaluate.teacher_images("shapes", sets.captions, teacher_images,
+                                                   seed=seed + 20_000, captions_per_batch=8,
+                                                   first_id=0)
     elif reference is not None and reference.shape[1] == 0:
         reference = None  # no teacher column (teacher_images=0)
     reference_read = (None if reference is None else

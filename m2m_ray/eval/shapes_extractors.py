@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from m2m_ray.shapes import world
-from m2m_ray.shapes.readout import HEADS, SIZE, AttributeReadout, to_tensor
+from m2m_ray.shapes.readout import HEADS, SIZE, AttributeReadout, colour_of, to_tensor
 
 SHAPES_LABEL = ("shapes world: FID and IS on the attribute read-out (m2m_ray.shapes.readout); "
                 "caption / context agreement = % of shape, colour, background that agree")
@@ -68,18 +68,20 @@ class ShapesExtractors:
         """Read-out features ``(N, d)`` and joint-class logits ``(N, 48)``, float32; class index
         = (shape · 4 + colour) · 3 + background."""
         pixels = self._pixels(images)
-        features = self.readout.features(pixels, self.image_batch_size).astype(np.float32)
-        shape_lp, background_lp = [], []
-        for start in range(0, len(pixels), self.image_batch_size):
-            logits = self.readout.net(to_tensor(pixels[start:start + self.image_batch_size]))
-            shape_lp.append(torch.log_softmax(logits["shape"], -1).numpy())
-            background_lp.append(torch.log_softmax(logits["background"], -1).numpy())
-        colours = [world.COLOURS.index(c) for c in self.readout.predict(pixels)["colour"]]
+        features, shape_lp, background_lp = [], [], []
+        for start in range(0, len(pixels), self.image_batch_size):  # one CNN pass per image
+            pooled = self.readout.net.features(to_tensor(pixels[start:start + self.image_batch_size]))
+            features.append(pooled.numpy())
+            heads = self.readout.net.heads
+            shape_lp.append(torch.log_softmax(heads["shape"](pooled), -1).numpy())
+            background_lp.append(torch.log_softmax(heads["background"](pooled), -1).numpy())
+        colours = [world.COLOURS.index(c) for c in colour_of(pixels)]
         colour_lp = np.full((len(pixels), len(world.COLOURS)), -30.0, np.float32)
         colour_lp[np.arange(len(pixels)), colours] = 0.0
         joint = (np.concatenate(shape_lp)[:, :, None, None] + colour_lp[:, None, :, None]
                  + np.concatenate(background_lp)[:, None, None, :])  # (N, 4, 4, 3)
-        return features, joint.reshape(len(pixels), -1).astype(np.float32)
+        return (np.concatenate(features).astype(np.float32),
+                joint.reshape(len(pixels), -1).astype(np.float32))
 
     def clip_image_embeddings(self, images: Sequence[Image.Image]) -> np.ndarray:
         """``(N, 11)``: the one-hot of each image's read-out attributes, scaled by 1/√3."""

@@ -80,12 +80,12 @@ def renderer_diversity(keys: Sequence[tuple[str, str, str]], per_set: int, seed:
     return within_set_diversity(sets)
 
 
-def teacher_agreement(model_preset: str, captions: Sequence[str],
-                      targets: Sequence[dict[str, Any]], images_per_caption: int = 25,
-                      guidance_scale: float = 7.5, steps: int = 25, seed: int = 0,
-                      readout: AttributeReadout | None = None) -> dict[str, Any]:
-    """Sample the teacher through MIS stage 2's ``SDSetGenerator`` (Euler, seeded per image) for
-    each caption, read the images out, and compare with the caption's attributes."""
+def teacher_images(model_preset: str, captions: Sequence[str], images_per_caption: int,
+                   guidance_scale: float = 7.5, steps: int = 25, seed: int = 0,
+                   captions_per_batch: int = 4, first_id: int = 1) -> np.ndarray:
+    """uint8 ``[S, images_per_caption, 32, 32, 3]``: the teacher sampled through MIS stage 2's
+    ``SDSetGenerator`` (Euler, seeded per image) for each caption; caption s is generated as id
+    ``first_id + s`` (its images' seeds derive from it)."""
     from m2m_ray.mis.config import GenerateConfig
     from m2m_ray.mis.generate import SDSetGenerator
     from m2m_ray.models.config import ModelConfig
@@ -95,11 +95,21 @@ def teacher_agreement(model_preset: str, captions: Sequence[str],
                          actors={"num_gpus": 0}, keep_latents=False)
     generator = SDSetGenerator(ModelConfig(preset=model_preset), cfg)
     sets = []
-    for start in range(0, len(captions), 4):
-        chunk = list(captions[start:start + 4])
-        _, pixels, _ = generator.generate(chunk, list(range(start + 1, start + 1 + len(chunk))))
-        sets.append(pixels)
-    images = np.concatenate(sets)                                   # (S, N, H, W, 3)
+    for start in range(0, len(captions), captions_per_batch):
+        chunk = list(captions[start:start + captions_per_batch])
+        ids = list(range(first_id + start, first_id + start + len(chunk)))
+        sets.append(generator.generate(chunk, ids)[1])
+    return np.concatenate(sets)
+
+
+def teacher_agreement(model_preset: str, captions: Sequence[str],
+                      targets: Sequence[dict[str, Any]], images_per_caption: int = 25,
+                      guidance_scale: float = 7.5, steps: int = 25, seed: int = 0,
+                      readout: AttributeReadout | None = None) -> dict[str, Any]:
+    """``teacher_images`` for each caption, read out and compared with the caption's
+    attributes."""
+    images = teacher_images(model_preset, captions, images_per_caption, guidance_scale, steps,
+                            seed)                                   # (S, N, H, W, 3)
     readout = readout or AttributeReadout.load()
     predicted = readout.predict(images.reshape(-1, *images.shape[2:]))
     per_image = [t for t in targets for _ in range(images_per_caption)]
