@@ -99,14 +99,18 @@ def bench_ours(args, captions: list[str]) -> dict[str, dict]:
         generator.cfg.vae_batch_size = generator.codec.vae_batch_size = int(vae.removeprefix("vae"))
         generator.cfg.captions_per_batch = int(per_batch.removeprefix("c"))
         list(encoded_sets(generator, rows[:generator.cfg.captions_per_batch], image_pool,
-                          batch_pool, {}))
+                          batch_pool, {}, rejected=[]))
         _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        rejected: list[dict] = []
         images = sum(len(r.images) for batch in encoded_sets(generator, rows, image_pool,
-                                                              batch_pool, timings) for r in batch)
+                                                              batch_pool, timings,
+                                                              rejected=rejected) for r in batch)
+        if rejected:
+            raise RuntimeError(f"{len(rejected)} sets came out non-finite: {rejected[:3]}")
         _sync(device)
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None

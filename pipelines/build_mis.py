@@ -42,6 +42,10 @@ def summarize(name: str, stats: dict[str, Any]) -> str:
     if name == "captions":
         timings = stats["timings"]
         rejected = ", ".join(f"{k} {v}" for k, v in stats["rejected"].items())
+        if stats.get("kept_as_is"):
+            return (f"captions: kept as they were (MIS shards were generated from them; inputs and "
+                    f"settings unchanged): {stats['input_lines']} lines → {stats['kept']} kept in "
+                    f"{len(stats['shards'])} shards; rejected: {rejected}")
         return (f"captions: {stats['input_lines']} lines → {stats['kept']} kept in "
                 f"{len(stats['shards'])} shards; rejected: {rejected}; "
                 f"{timings['total_s']} s ({timings['captions_per_s']} captions/s)")
@@ -51,7 +55,8 @@ def summarize(name: str, stats: dict[str, Any]) -> str:
                 f"{stats['committed_shards']}/{stats['expected_shards']} committed shards "
                 f"(this run: {run['shards']} shards, {run['images']} images in {run['seconds']} s, "
                 f"{run['images_per_second']} images/s); {stats['rejected_captions']} captions "
-                "rejected in stage 1")
+                f"rejected in stage 1; {stats['rejected_sets']} sets rejected as non-finite "
+                f"({run['rejected_sets']} this run; listed in mis/stats/<shard>.json)")
     return f"{name}: " + json.dumps(stats)[:500]
 
 

@@ -1,11 +1,14 @@
-"""Evaluate generated image sets: per-k FID, IS, CLIP text-image and CLIP image-image (Table 1).
+"""Evaluate generated image sets: per-k FID (two resizes), IS, CLIP text-image, CLIP image-image
+and DINO image-image (Table 1), every backbone and resize named in the report.
 
-Two entries. Generate, then evaluate (paper protocol: sets of the MIS test split, K = 4 context
-images, M = 10 generated, seeded): the config's `generate` section names the model and the MIS;
-generation runs on Ray Data actors into generate.output_uri, then the evaluation reads that folder.
-Offline on the tiny preset (random models; see the YAML for how its inputs are made):
+Two entries. Generate, then evaluate (paper protocol, configs/evaluate.yaml: 10,000 random sets of
+the MIS test split, K = 4 context images, M = 10 generated, seeded): the config's `generate`
+section names the model and the MIS; generation runs on Ray Data actors into generate.output_uri,
+then the evaluation reads that folder. Offline on the tiny preset (random models; see the YAML for
+how its inputs are made) or on the shapes world (read-out extractors):
 
     python pipelines/evaluate.py --config configs/tiny/evaluate.yaml
+    python pipelines/evaluate.py --config configs/shapes/evaluate.yaml
 
 Or evaluate an existing generations folder (written by pipelines/generate.py, format in
 m2m_ray/formats/generations.py), e.g. with tiny random extractors (their numbers mean nothing):
@@ -21,10 +24,9 @@ With the real Inception and CLIP weights (downloaded once, or local paths / s3:/
 
 On a cluster (RAY_ADDRESS is set for the job, which joins that cluster):
 
-    ray job submit --working-dir . -- python pipelines/evaluate.py --config configs/<file>.yaml \\
+    ray job submit --working-dir . -- python pipelines/evaluate.py --config configs/evaluate.yaml \\
         --generate.model_path=s3://bucket/m2m-self --generate.inputs.mis_uri=s3://bucket/mis \\
-        --generate.output_uri=s3://bucket/gens --generate.actors.num_gpus=1 \\
-        --generate.actors.max_actors=8 --protocol.max_sets=1000 --actors.max_actors=8
+        --generate.output_uri=s3://bucket/gens
 
 Any EvalConfig key can be overridden as --section.key=value (values are YAML; --generate=null drops
 the section). Writes report.json, report.md and report.png to output_uri (default

@@ -21,7 +21,11 @@ import hashlib
 import pytest
 import torch
 
-from m2m_ray.eval.inception import FIDInceptionV3, load_fid_inception
+from m2m_ray.eval.inception import (
+    FIDInceptionV3,
+    load_fid_inception,
+    random_fid_inception,
+)
 
 _A = ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2",
       "branch3x3dbl_3", "branch_pool"]
@@ -111,3 +115,22 @@ def test_load_real_layout_checkpoint_and_forward(tmp_path):
         load_fid_inception(str(tmp_path / "partial.pth"))
     with pytest.raises(FileNotFoundError, match="--extractors.kind=tiny"):
         load_fid_inception(str(tmp_path / "missing.pth"))
+
+
+def test_random_weights_keep_scale_and_the_resize_is_an_input_choice():
+    """The random-weight net the FID reference tests use gives features that differ per image
+    (PyTorch's default init collapses them to ~1e-8, every FID ≈ 0); ``forward`` takes the
+    resize by name (default legacy_pytorch) and ``forward_input`` the prepared input."""
+    from m2m_ray.eval.inception import fid_input
+
+    model = random_fid_inception(seed=1)
+    images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        legacy, _ = model(images)
+        clean, _ = model(images, "clean")
+        again, _ = random_fid_inception(seed=1).forward_input(fid_input(images, "legacy_pytorch"))
+    torch.testing.assert_close(legacy, again)
+    assert legacy.std() > 0.1 and (legacy[0] - legacy[1]).abs().mean() > 1e-3
+    assert (clean - legacy).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="unknown FID resize 'bicubic'"):
+        model(images, "bicubic")

@@ -1,5 +1,6 @@
 """The evaluation job: bad-input policy, and pipelines/evaluate.py end to end on a local Ray with
-the tiny extractors, checked number by number against a direct single-process computation."""
+the tiny extractors (both FID resizes, CLIP, DINO), checked number by number against a direct
+single-process computation; the report names every backbone and resize."""
 
 from __future__ import annotations
 
@@ -112,17 +113,19 @@ def _direct_metrics(root: str, records: list[gen.GenerationSet]) -> list[dict[st
     load = lambda paths: [gen.load_image(gen.image_uri(root, p)) for p in paths]  # noqa: E731
     context = [load(r.context[-K:]) for r in good]
     real, _ = ext.inception_features([im for images in context for im in images])
-    real = real.astype(np.float64)
     context_embeds = [ext.clip_image_embeddings(images) for images in context]
+    context_dino = [ext.dino_embeddings(images) for images in context]
     rows = []
     for k in range(1, M + 1):
         images = [load([r.generated[k - 1]])[0] for r in good]
         fake, logits = ext.inception_features(images)
-        fake = fake.astype(np.float64)
-        diff = real.mean(0) - fake.mean(0)
-        cov_r, cov_f = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
-        fid = diff @ diff + np.trace(cov_r) + np.trace(cov_f) - 2 * np.trace(
-            np.real(scipy.linalg.sqrtm(cov_r @ cov_f)))
+        fids = {}
+        for name in ("legacy_pytorch", "clean"):
+            r, f = real[name].astype(np.float64), fake[name].astype(np.float64)
+            diff = r.mean(0) - f.mean(0)
+            cov_r, cov_f = np.cov(r, rowvar=False), np.cov(f, rowvar=False)
+            fids[f"fid_{name}"] = diff @ diff + np.trace(cov_r) + np.trace(cov_f) - 2 * np.trace(
+                np.real(scipy.linalg.sqrtm(cov_r @ cov_f)))
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs = probs / probs.sum(1, keepdims=True)
         split = np.array([is_split_of(r.set_id, 3) for r in good])
@@ -136,8 +139,12 @@ def _direct_metrics(root: str, records: list[gen.GenerationSet]) -> list[dict[st
         clip_text = [W * max(100 * float(embeds[i] @ t), 0) for i, t in zip(captioned, text)]
         clip_image = [np.mean([W * max(100 * float(embeds[i] @ c), 0) for c in context_embeds[i]])
                       for i in range(len(good))]
-        rows.append({"fid": fid, "is_mean": np.mean(scores), "is_std": np.std(scores),
-                     "clip_text": np.mean(clip_text), "clip_image": np.mean(clip_image)})
+        dino_embeds = ext.dino_embeddings(images)
+        dino = [np.mean([100 * float(dino_embeds[i] @ c) for c in context_dino[i]])
+                for i in range(len(good))]
+        rows.append({**fids, "is_mean": np.mean(scores), "is_std": np.std(scores),
+                     "clip_text": np.mean(clip_text), "clip_image": np.mean(clip_image),
+                     "dino": np.mean(dino)})
     return rows
 
 
@@ -169,9 +176,12 @@ def test_evaluate_pipeline_end_to_end(folder, ray_local, tmp_path):
         for key, value in want.items():
             assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (row["k"], key)
     assert 0 < report["per_k"][0]["clip_text"] < 100  # some pairs clipped at 0, some not
-    fids = [row["fid"] for row in report["per_k"]]
-    assert report["summary"]["fid"] == pytest.approx({"mean": np.mean(fids), "std": np.std(fids),
-                                                      "over_k": M})
+    for name in ("fid_legacy_pytorch", "fid_clean"):
+        fids = [row[name] for row in report["per_k"]]
+        assert report["summary"][name] == pytest.approx(
+            {"mean": np.mean(fids), "std": np.std(fids), "over_k": M})
+    first = report["per_k"][0]
+    assert first["fid_clean"] != pytest.approx(first["fid_legacy_pytorch"])
 
     # The three report files, all saying that the extractors were tiny and random.
     assert report["files"] == {ext: os.path.join(out, f"report.{ext}")
@@ -180,7 +190,19 @@ def test_evaluate_pipeline_end_to_end(folder, ray_local, tmp_path):
     assert saved["per_k"] == report["per_k"] and "TINY RANDOM" in saved["title"]
     markdown = open(report["files"]["md"]).read()
     assert "TINY RANDOM EXTRACTORS" in markdown
-    assert "| Method | FID ↓ | IS ↑ | CLIP-T ↑ | CLIP-I ↑ |" in markdown
+    assert ("| Method | FID legacy_pytorch ↓ | FID clean ↓ | IS ↑ | CLIP-T ↑ | CLIP-I ↑ "
+            "| DINO ↑ |" in markdown)
+    # Every backbone and every resize is named, and the images were lossless PNGs.
+    assert "## Backbones and resizes" in markdown
+    for line in ("- FID resize `legacy_pytorch`: bilinear", "- FID resize `clean`: PIL bicubic",
+                 "- IS: TinyInception", "resize `legacy_pytorch`",
+                 "- CLIP (CLIP-T, CLIP-I): ViT-(width 32, depth 2)/8@32px (tiny, random)",
+                 "- DINO: ViT-(width 32, depth 2)/16 (tiny, random)", "centre crop 224"):
+        assert line in markdown, line
+    assert saved["extractors"]["clip"]["backbone"].startswith("ViT-")
+    assert list(saved["extractors"]["fid"]["resizes"]) == ["legacy_pytorch", "clean"]
+    assert saved["image_formats"]["generated"] == {"png": GOOD_SETS * M}
+    assert saved["warnings"] == []
     assert "| m2m-test | " in markdown and "| unreadable image | 1 |" in markdown
     assert f"- sets: {GOOD_SETS} evaluated of 44, 4 skipped" in markdown
     with Image.open(report["files"]["png"]) as plot:

@@ -15,6 +15,7 @@ from m2m_ray.eval.stats import (
     GroupStats,
     ScalarStats,
     clip_score,
+    dino_score,
     fid_from_moments,
     frechet_distance,
     softmax64,
@@ -154,9 +155,10 @@ def test_inception_score_equals_the_direct_formula_and_torchmetrics():
         ClassProbStats(20, 4).update(probs[:2], np.array([0, 4]))
 
 
-def test_clip_score_follows_hessel_and_scalar_stats_skip_nans():
+def test_clip_score_follows_hessel_dino_score_dreambench_and_scalar_stats_skip_nans():
     cos = np.array([0.31, -0.2, 0.0, 1.0])
     np.testing.assert_allclose(clip_score(cos, 1.0), [31.0, 0.0, 0.0, 100.0])
+    np.testing.assert_allclose(dino_score(cos), [31.0, -20.0, 0.0, 100.0])  # 100·cos, unclipped
     # Hessel et al.'s original 2.5·max(cos, 0) is w = 0.025 in w·max(100·cos, 0).
     np.testing.assert_allclose(clip_score(cos, 0.025), 2.5 * np.maximum(cos, 0))
 
@@ -168,11 +170,19 @@ def test_clip_score_follows_hessel_and_scalar_stats_skip_nans():
 
 def test_group_stats_merge_and_moment_checks():
     rng = np.random.default_rng(4)
-    a, b = GroupStats.empty(3, 5, 2), GroupStats.empty(3, 5, 2)
-    a.features.update(rng.normal(size=(4, 3)))
-    b.features.update(rng.normal(size=(6, 3)))
+    resizes = ("legacy_pytorch", "clean")
+    a, b = GroupStats.empty(3, 5, 2, resizes), GroupStats.empty(3, 5, 2, resizes)
+    for stats, n in ((a, 4), (b, 6)):
+        for name in resizes:
+            stats.features[name].update(rng.normal(size=(n, 3)))
     a.clip_text.update(np.array([10.0]))
-    assert a.merge(b).features.count == 10 and a.clip_text.count == 1
+    b.dino.update(np.array([55.0, np.nan]))
+    merged = a.merge(b)
+    assert merged.count == 10 and merged.features["clean"].count == 10
+    assert (merged.clip_text.count, merged.dino.count, merged.dino.mean()) == (1, 1, 55.0)
+    with pytest.raises(ValueError, match=r"FID resizes \['legacy_pytorch'\] into "
+                                         r"\['clean', 'legacy_pytorch'\]"):
+        a.merge(GroupStats.empty(3, 5, 2, ("legacy_pytorch",)))
     with pytest.raises(ValueError, match=r"expected features of shape \(N, 3\), got \(2, 4\)"):
         GaussianMoments(3).update(np.zeros((2, 4)))
     with pytest.raises(ValueError, match="at least 2 feature vectors, got 1"):

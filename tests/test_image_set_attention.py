@@ -114,3 +114,30 @@ def test_processors_installed_and_kwargs_reach_them():
 
     with pytest.raises(RuntimeError, match="cross_attention_kwargs"):
         model.unet(torch.randn(1, 4, 8, 8), 0, encoder_hidden_states=None)
+
+
+@pytest.mark.parametrize("variant", ["self", "dino"])
+def test_every_parameter_gets_a_gradient_when_every_context_drops(variant):
+    """DDP (without find_unused_parameters) needs every parameter in every step's graph: a
+    (micro-)batch whose every set drops its context — 10% of micro-batches of one set — must still
+    give to_q/to_k/to_v, the null key and the task projection a (zero) gradient. Found when
+    gradient accumulation first ran on 2 workers."""
+    from m2m_ray.models.context import DinoEncoder
+    from m2m_ray.models.embedders import TaskConditions
+
+    tiny = ModelConfig(preset="tiny")
+    model = M2MUNet.from_preset(tiny, M2MConfig(variant=variant, task_conditions=["position"]))
+    latents = torch.randn(2, 3, 4, 8, 8)
+    context = latents[:, :-1] if variant == "self" else DinoEncoder.from_preset(
+        tiny, torch.device("cpu"))(torch.rand(2, 2, 3, 64, 64))
+    task = TaskConditions(position=torch.arange(3).float().expand(2, -1))
+    everything = torch.tensor([True, True])
+    out = model(latents, torch.tensor([[1, 2, 3]] * 2), context, offset=0, target_task=task,
+                context_task=task.select(slice(0, 2)), context_drop=everything,
+                task_drop=everything)
+    out.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    with torch.no_grad():  # sampling still skips the attention of dropped rows
+        model(latents, torch.tensor([[1, 2, 3]] * 2), context, offset=0,
+              context_drop=everything)

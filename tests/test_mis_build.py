@@ -20,7 +20,8 @@ from PIL import Image
 from m2m_ray import storage
 from m2m_ray.config import StorageConfig
 from m2m_ray.formats.ids import image_seed
-from m2m_ray.formats.mis import MISLayout, iter_mis, read_mis
+from m2m_ray.formats.mis import MISLayout
+from m2m_ray.formats.mis_read import iter_mis, read_mis
 from m2m_ray.mis.build import run_generate_stage
 from m2m_ray.mis.captions import run_captions_stage
 from m2m_ray.mis.config import BuildMISConfig
@@ -199,3 +200,221 @@ def test_s3_output(ray_local, s3_bucket, tmp_path):
     assert verify_mis(cfg.output_uri, cfg.storage)[0] == []
     sets = _sets(cfg.output_uri, "webdataset", cfg.storage)
     assert len(sets) == 7 and all(len(s["images"]) == 4 for s in sets.values())
+
+
+# --- issue 17, dataset building: resume checks, temporaries, bit-exact regeneration, NaN ---------
+
+
+def _stage1_files(root: str) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in Path(root).rglob("*") if p.is_file()
+            and (p.name == "captions_stats.json" or "captions" in p.parts or "rejects" in p.parts)}
+
+
+@pytest.mark.timeout(300)
+def test_rerun_with_other_caption_settings_or_inputs_is_refused(built):
+    """Issue 17.1: lines_per_shard 3 → 4 (or changed input bytes) over committed shards is refused
+    with what changed and how to start over; an unchanged rerun keeps stage 1 untouched; stage 2
+    with other caption settings is refused; a dataset that disagrees with stage 1 fails the run."""
+    from m2m_ray.mis.resume import ResumeMismatchError
+
+    cfg, _ = built
+    root = cfg.output_uri
+    before = _stage1_files(root)
+    kept = run_captions_stage(cfg)  # nothing changed: kept as it is, not deleted and rewritten
+    assert kept["kept_as_is"] and _stage1_files(root) == before
+
+    other = cfg.model_copy(deep=True)
+    other.captions.lines_per_shard = 4
+    with pytest.raises(ResumeMismatchError, match=r"captions\.lines_per_shard: 3 → 4.*new "
+                                                  r"output_uri"):
+        run_captions_stage(other)
+    with pytest.raises(ResumeMismatchError, match=r"lines_per_shard: stage 1 ran with 3"):
+        run_generate_stage(other)
+    for key, value in (("max_tokens", 20), ("dedup", True), ("test_fraction", 0.5)):
+        changed = cfg.model_copy(deep=True)
+        setattr(changed.captions, key, value)
+        with pytest.raises(ResumeMismatchError, match=f"captions.{key}"):
+            run_captions_stage(changed)
+
+    tsv = Path(cfg.captions.inputs[0])
+    data, stat = tsv.read_bytes(), tsv.stat()
+    try:
+        tsv.write_bytes(data + b"http://img.example/9.jpg\ta new caption\n")
+        with pytest.raises(ResumeMismatchError, match=f"input {tsv} changed: size {len(data)}"):
+            run_captions_stage(cfg)
+    finally:
+        tsv.write_bytes(data)
+        os.utime(tsv, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _stage1_files(root) == before and verify_mis(root)[0] == []
+
+    # A run never ends in success over shards that disagree with stage 1.
+    layout = MISLayout(root)
+    stats_uri = Path(layout.stats(0))
+    saved = stats_uri.read_bytes()
+    try:
+        stats_uri.write_text(json.dumps({**json.loads(saved), "sets": 2}))
+        with pytest.raises(RuntimeError, match="2 sets \\+ 0 rejected, but stage 1 kept 3"):
+            run_generate_stage(cfg)
+        stats_uri.write_text(json.dumps({**json.loads(saved), "captions_digest": "other"}))
+        with pytest.raises(ResumeMismatchError, match="another stage-1 output"):
+            run_generate_stage(cfg)
+    finally:
+        stats_uri.write_bytes(saved)
+    assert run_generate_stage(cfg)["this_run"]["shards"] == 0
+
+
+_DYING_WRITER = """
+import os, sys, time
+from m2m_ray.formats.mis import MISLayout, ShardWriter
+writer = ShardWriter(MISLayout(sys.argv[1]), 7, ["parquet", "webdataset"])
+open(os.path.join(writer._tmp, "shard.partial-bytes"), "wb").write(b"x" * 1000)
+print(writer._tmp, flush=True)
+if sys.argv[2] == "die":
+    os._exit(1)  # a killed actor: no abort, no cleanup
+time.sleep(60)
+"""
+
+
+def test_killed_writers_temporaries_are_swept(tmp_path):
+    """Issue 17.2: a killed process's partial shard is removed when the next writer starts; a
+    live writer's folder is left alone."""
+    from m2m_ray.formats.mis import ShardWriter, shard_temp_root
+
+    def start(mode: str) -> tuple[subprocess.Popen, Path]:
+        proc = subprocess.Popen([sys.executable, "-c", _DYING_WRITER, str(tmp_path), mode],
+                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+        return proc, Path(proc.stdout.readline().strip())
+
+    live, live_tmp = start("live")
+    dead, dead_tmp = start("die")  # its writer leaves the live one's folder alone
+    dead.wait(timeout=60)
+    try:
+        assert dead_tmp.is_dir() and live_tmp.is_dir()
+        assert str(dead_tmp).startswith(shard_temp_root())
+        writer = ShardWriter(MISLayout(str(tmp_path)), 8, ["parquet"])
+        assert not dead_tmp.parent.exists(), "the dead writer's temporaries were not swept"
+        assert live_tmp.is_dir(), "a live writer's temporaries were swept"
+        writer.abort()
+        assert not Path(writer._tmp).exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def _generator(**overrides):
+    from m2m_ray.mis.config import GenerateConfig
+    from m2m_ray.mis.generate import SDSetGenerator
+    from m2m_ray.models.config import ModelConfig
+
+    cfg = GenerateConfig(**{"images_per_caption": N_IMAGES, "num_inference_steps": 3,
+                            "height": 64, "width": 64, "actors": {"num_gpus": 0},
+                            "captions_per_batch": 2, "image_format": "png", **overrides})
+    return SDSetGenerator(ModelConfig(preset="tiny"), cfg)
+
+
+def _records(generator, captions: list[str]) -> tuple[list, list]:
+    import concurrent.futures as cf
+
+    from m2m_ray.mis.generate import encoded_sets
+
+    rows = [{"caption_id": i + 1, "caption": c, "split": "train", "url": "", "shard_id": 0}
+            for i, c in enumerate(captions)]
+    rejected: list[dict] = []
+    with cf.ThreadPoolExecutor(2) as images, cf.ThreadPoolExecutor(1) as batches:
+        records = [r for batch in encoded_sets(generator, rows, images, batches, {},
+                                               rejected=rejected) for r in batch]
+    return records, rejected
+
+
+@pytest.fixture
+def single_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.timeout(300)
+def test_every_regenerated_image_is_bit_exact(single_thread):
+    """Issue 17.3: PNG, one thread, captions_per_batch=2 and a vae_batch_size (3) that does not
+    divide the set (25): every image of several sets regenerates exactly, alone."""
+    import torch
+
+    generator = _generator(vae_batch_size=3)
+    records, rejected = _records(generator, [c for c in CAPTIONS if c][:4])
+    assert rejected == [] and len(records) == 4
+    for record in records:
+        assert record.metadata["vae_batch_size"] == 3
+        regenerated = regenerate_set(record.caption, record.caption_id, record.metadata)
+        for index, (image, stored) in enumerate(zip(regenerated, record.images)):
+            assert np.array_equal(np.asarray(image),
+                                  np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"))), (
+                f"set {record.caption_id} image {index} differs from its regeneration")
+    # The kind, at the float level: a set decodes to the same bits alone as in any batch.
+    latents = torch.randn(3, N_IMAGES, 4, 8, 8)
+    together = generator.decode_sets(latents)
+    for i in range(3):
+        assert torch.equal(together[i], generator.decode_sets(latents[i:i + 1])[0])
+
+
+@pytest.mark.timeout(300)
+def test_non_finite_sets_are_retried_in_float32_or_rejected(single_thread, monkeypatch):
+    """Issue 17.4: NaN from the UNet never becomes a stored black image: in float32 the set is
+    rejected with its reason (the other set of the batch is kept); in a lower precision it is made
+    again in float32 and stored as such, and regenerates exactly from its metadata."""
+    import torch
+
+    from m2m_ray.mis.generate import _nan_unet_rows
+
+    generator = _generator(images_per_caption=4, fault_injection={"nan_unet_output_on_caption": 2})
+    records, rejected = _records(generator, CAPTIONS[:3])
+    assert [r.caption_id for r in records] == [1, 3]
+    assert rejected == [{"caption_id": 2, "reason": "non-finite latents and pixels (NaN/Inf) in "
+                         "float32; no safer precision to retry in"}]
+
+    half = _generator(images_per_caption=4)
+    half.pipe.to(dtype=torch.bfloat16)
+    half.dtype = torch.bfloat16
+    poison = _nan_unet_rows(half.pipe.unet, 2, 4, 1)  # set 2 of each batch of 2, bf16 only
+    poison.__enter__()
+    try:
+        out = half.generate(CAPTIONS[:2], [1, 2])
+    finally:
+        poison.__exit__(None, None, None)
+    assert out.rejected == [None, None]
+    assert out.metadata[0]["dtype"] == "bfloat16" and out.metadata[1]["dtype"] == "float32"
+    assert out.metadata[1]["retried"].startswith("non-finite latents and pixels (NaN/Inf) in bf")
+    assert np.isfinite(out.latents).all() and out.pixels[1].max() > 0
+    again = regenerate_set(CAPTIONS[1], 2, out.metadata[1])
+    assert all(np.array_equal(np.asarray(a), b) for a, b in zip(again, out.pixels[1]))
+
+
+@pytest.mark.timeout(600)
+def test_build_counts_rejected_sets_and_verifies(ray_local, tmp_path):
+    """Issue 17.4 through stage 2: the NaN set is not stored, its shard's stats list it, the
+    manifest and the run's summary count it, and verify accepts the dataset (but not NaN
+    latents)."""
+    cfg = _config(tmp_path, str(tmp_path / "out"), images_per_caption=4,
+                  fault_injection={"nan_unet_output_on_caption": 2})
+    cfg.captions.lines_per_shard = 8
+    run_captions_stage(cfg)
+    summary = run_generate_stage(cfg)
+    assert summary["sets"] == 6 and summary["rejected_sets"] == 1
+    assert summary["this_run"]["rejected_sets"] == 1
+    stats = MISLayout(cfg.output_uri).committed_stats()[0]
+    assert [r["caption_id"] for r in stats["rejected_sets"]] == [2]
+    assert 2 not in _sets(cfg.output_uri)
+    assert verify_mis(cfg.output_uri)[0] == []
+    assert verify_mis(cfg.output_uri)[1]["rejected_sets"] == 1
+    from m2m_ray.mis.verify import _check_set
+
+    sample = next(iter(iter_mis(cfg.output_uri)))
+    settings = json.loads(Path(MISLayout(cfg.output_uri).config).read_text())["config"]["generate"]
+    assert _check_set(sample, settings, "here") == []
+    sample["latents"][1, 0, 0, 0] = np.nan
+    assert _check_set(sample, settings, "here") == [
+        f"here: set {sample['caption_id']} has non-finite latents (NaN/Inf) in images [1]: its "
+        "images are not what the model made; regenerate it"]

@@ -3,7 +3,7 @@ import torch
 
 from m2m_ray.models import presets
 from m2m_ray.models.clip_tokenizer import clip_tokenizer
-from m2m_ray.models.config import ModelConfig
+from m2m_ray.models.config import M2MConfig, ModelConfig
 
 
 def test_tokenizer_ids_equal_clip():
@@ -39,3 +39,42 @@ def test_shapes_preset_has_sd21_architecture():
     cfg = presets.unet_config(ModelConfig(preset="sd21-base-random"))
     assert cfg["block_out_channels"] == (320, 640, 1280, 1280)
     assert cfg["cross_attention_dim"] == 1024
+
+
+def test_a_base_model_of_another_kind_is_refused_naming_the_right_one(tmp_path):
+    """SD-2.1 (768 px, v-prediction) given where SD-2.1-base belongs used to load without a word
+    and train with an ε target. The prediction type, the latent channels and the native size of a
+    base model are checked wherever its configs are read (scheduler, UNet config, UNet)."""
+    import json
+    import shutil
+
+    from m2m_ray.models.m2m_unet import M2MUNet
+    from m2m_ray.models.presets import (
+        SHAPES_WEIGHTS,
+        UnsupportedModelError,
+        load_scheduler,
+        load_unet,
+        unet_config,
+    )
+
+    def variant(name: str, folder: str, **changes) -> ModelConfig:
+        root = tmp_path / name
+        shutil.copytree(SHAPES_WEIGHTS, root)
+        path = root / folder / ("scheduler_config.json" if folder == "scheduler" else "config.json")
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+        return ModelConfig(preset="shapes", sd_model_id=str(root))
+
+    assert load_scheduler(ModelConfig(preset="shapes"), "ddim").config.prediction_type == "epsilon"
+    v_model = variant("v", "scheduler", prediction_type="v_prediction")
+    for kind in ("ddim", "euler"):
+        with pytest.raises(UnsupportedModelError, match=r"prediction_type 'v_prediction'.*"
+                                                        r"stable-diffusion-2-1-base"):
+            load_scheduler(v_model, kind)
+    big = variant("big", "unet", sample_size=24)
+    with pytest.raises(UnsupportedModelError, match="sample_size 24 makes 96 px images, not the "
+                                                    "shapes preset's 32 px"):
+        unet_config(big)
+    with pytest.raises(UnsupportedModelError, match="sample_size"):
+        load_unet(big)
+    with pytest.raises(UnsupportedModelError, match=r"in/out channels \(8, 4\)"):
+        M2MUNet.from_preset(variant("inpaint", "unet", in_channels=8), M2MConfig(variant="self"))

@@ -216,3 +216,31 @@ def test_save_and_load_pretrained_round_trip(pipes, tmp_path):
                                     **kwargs), atol=0, rtol=0)
     with pytest.raises(FileNotFoundError, match="not an M2M pipeline folder"):
         M2MPipeline.from_pretrained(tmp_path / "model" / "unet")
+
+
+def test_non_finite_sets_are_never_returned_as_images(pipes, monkeypatch):
+    """Issue 17.4 in the sampling path: a set whose UNet output is NaN is named (raise) or left
+    out (skip) — never black images — and the other sets of the batch are unaffected."""
+    from m2m_ray.sampling.sampler import NonFiniteOutputError
+
+    pipe = pipes["self"]
+    sets = [_photos(2, seed) for seed in range(3)]
+    spec = SampleConfig(num_images=2, num_inference_steps=STEPS)
+    clean = pipe.generate(sets, spec, [torch.Generator().manual_seed(s) for s in range(3)])
+    forward = pipe.unet.forward
+
+    def poisoned(*args, **kwargs):
+        eps = forward(*args, **kwargs)  # (branches*B, 1, 4, h, w), branch-major
+        eps.unflatten(0, (-1, 3))[:, 1] = float("nan")
+        return eps
+
+    monkeypatch.setattr(pipe.unet, "forward", poisoned)
+    with pytest.raises(NonFiniteOutputError, match=r"sets \[1\] of 3 .*NaN/Inf.*float32") as err:
+        pipe.generate(sets, spec, [torch.Generator().manual_seed(s) for s in range(3)])
+    assert err.value.sets == [1]
+    skipped = pipe.generate(sets, spec, [torch.Generator().manual_seed(s) for s in range(3)],
+                            on_non_finite="skip")
+    assert skipped[1] is None
+    for i in (0, 2):
+        assert all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(skipped[i], clean[i]))

@@ -88,7 +88,8 @@ def test_self_learns_resumes_exactly_after_a_failure_and_continues(ray_local, tm
 @pytest.mark.timeout(600)
 def test_dino_learns_on_s3_via_vae_actors_skipping_a_bad_set(ray_local, s3_bucket, tmp_path):
     """M2M-DINO from WebDataset shards without latents (VAE actors encode), MIS, checkpoints and
-    export all on S3 (moto), one set of corrupt images skipped and counted."""
+    export all on S3 (moto), one set of corrupt images skipped and counted; run length in epochs,
+    gradient accumulation."""
     endpoint, bucket = s3_bucket
     local = tmp_path / "mis"
     write_synthetic_mis(str(local), num_shards=2, sets_per_shard=3, formats=("webdataset",),
@@ -97,11 +98,16 @@ def test_dino_learns_on_s3_via_vae_actors_skipping_a_bad_set(ray_local, s3_bucke
     storage_cfg = StorageConfig(endpoint_url=endpoint)
     fs, _ = storage.fsspec_filesystem(f"s3://{bucket}", storage_cfg)
     fs.put(f"{local}/", f"{bucket}/mis/", recursive=True)
+    # the paper's run-length and batch settings (Appendix A): epochs over the train sets (6 sets,
+    # 4 per step: 10.7 epochs = 16 steps) and each worker's 2 sets in 2 accumulated micro-batches
     cfg = _config(tmp_path, f"s3://{bucket}/mis", "dino", "--m2m.variant=dino",
                   "--data.format=webdataset", "--data.on_bad_data=skip",
                   f"--storage_path=s3://{bucket}/runs", f"--export_uri=s3://{bucket}/model",
-                  f"--storage.endpoint_url={endpoint}")
+                  f"--storage.endpoint_url={endpoint}", "--max_steps=null", "--num_epochs=10.7",
+                  "--gradient_accumulation_steps=2")
     summary = run_training(cfg)
+    assert summary["run_length"] == {"shards": 2, "global_batch_size": 4, "num_epochs": 10.7,
+                                     "sets": 6, "max_steps": STEPS, "derived": True}
     assert summary["step"] == STEPS and summary["checkpoint"].startswith(f"{bucket}/runs/dino/")
     assert summary["metrics"]["data/skipped_sets"] >= 1
     assert summary["skipped_data"]["sets"] >= 1 and summary["skipped_data"]["shards"] == 0

@@ -20,6 +20,10 @@ class TrainDataConfig(StrictModel):
         "(no image bytes at all for M2M-Self on stored latents).")
     split: Literal["train", "test"] | None = Field("train", description="Use the sets of this "
                                                    "split only; None: all sets.")
+    subset_sets: int | None = Field(
+        None, ge=1, description="Train on a subset of about this many sets of `split` (paper: "
+        "9M sets for M2M-Self, 6M for M2M-DINO): whole shards in an order seeded by `seed`, "
+        "until their sets reach the number (the run logs the sets it got); None: every shard.")
     images_per_set: int = Field(
         8, ge=2, le=25, description="N: each training sample is a random ordered subset of N of a "
         "set's images, drawn from (seed, epoch, caption_id): a new subset every epoch.")
@@ -69,7 +73,12 @@ class GenerateInputsConfig(StrictModel):
     context_images: int = Field(
         4, ge=0, description="K: the first K images of each MIS / COCO set are the context (the "
         "`images` set uses all its images).")
-    max_sets: int | None = Field(None, ge=1, description="Use only the first N sets.")
+    max_sets: int | None = Field(
+        None, ge=1, description="Use only N sets: of MIS, a random choice of N sets of the split "
+        "(the N smallest seeded hashes of their caption ids: reproducible, uniform, independent of "
+        "shard order, no shuffle of the split; paper §8.4: 10,000 random test sets); of COCO, the "
+        "first N category sets.")
+    selection_seed: int = Field(0, description="Seeds the random choice of max_sets MIS sets.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "GenerateInputsConfig":

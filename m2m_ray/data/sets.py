@@ -6,7 +6,9 @@ context images, or URIs an actor reads — for ``m2m_ray.sampling.job.M2MSetGene
 - ``images``: files / folders / globs → one set (id ``input``) whose context is all of them;
   every file is decoded here first, so an unreadable one stops the job naming it.
 - ``mis_uri`` (+ ``mis_split``) or ``mis_shard``: MIS sets, context = their first K images; with
-  Ray the dataset is read by Ray Data (``read_mis``), never through the driver.
+  Ray the dataset is read by Ray Data (``read_mis``), never through the driver. ``max_sets``
+  picks a random, reproducible choice of N sets (``choose_caption_ids``; paper §8.4: "a random
+  selection of 10K samples from the test split").
 - ``coco_annotations``: real-image sets by category (``m2m_ray.data.coco_sets``), first K images.
 
 ``meta.split`` of a set is its MIS split, or ``external`` for images that are not from MIS (user
@@ -15,17 +17,18 @@ files, COCO): evaluate those with ``--protocol.split=null``.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from typing import Any, Iterable, Iterator
+
+import numpy as np
 
 from m2m_ray import storage as st
 from m2m_ray.config import StorageConfig
 from m2m_ray.data.coco_sets import coco_sets
 from m2m_ray.data.config import GenerateInputsConfig
 from m2m_ray.data.image_inputs import expand_image_specs, open_image
-from m2m_ray.formats.mis import iter_mis, iter_shard, read_mis
+from m2m_ray.formats.mis_read import iter_mis, iter_shard, read_mis
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +69,44 @@ def _mis_set_row(sample: dict[str, Any], K: int) -> dict[str, Any]:
 def local_mis_rows(inputs: GenerateInputsConfig,
                    storage: StorageConfig | None = None) -> Iterator[dict[str, Any]]:
     """MIS sets read in this process (engine=local), in shard order."""
-    if inputs.mis_shard:
-        samples: Iterable[dict] = (s for s in iter_shard(inputs.mis_shard, storage)
-                                   if inputs.mis_split is None or s["split"] == inputs.mis_split)
-    else:
-        samples = iter_mis(inputs.mis_uri, inputs.mis_format, storage, inputs.mis_split)
-    rows = (_mis_set_row(s, inputs.context_images) for s in samples)
-    return itertools.islice(rows, inputs.max_sets)
+    def samples() -> Iterator[dict]:
+        if inputs.mis_shard:
+            return (s for s in iter_shard(inputs.mis_shard, storage)
+                    if inputs.mis_split is None or s["split"] == inputs.mis_split)
+        return iter_mis(inputs.mis_uri, inputs.mis_format, storage, inputs.mis_split)
+
+    rows: Iterable[dict] = samples()
+    if inputs.max_sets:  # two passes: caption ids first, then only the chosen sets' rows
+        chosen = set(choose_caption_ids([s["caption_id"] for s in samples()], inputs.max_sets,
+                                        inputs.selection_seed).tolist())
+        rows = (s for s in samples() if s["caption_id"] in chosen)
+    return (_mis_set_row(s, inputs.context_images) for s in rows)
+
+
+def selection_keys(caption_ids: np.ndarray, seed: int) -> np.ndarray:
+    """uint64 ``[n]``: a seeded hash of each caption id (splitmix64 of id + seed-derived offset),
+    uniform and independent across ids; the N smallest keys are a uniform random N-subset."""
+    with np.errstate(over="ignore"):
+        offset = np.random.SeedSequence([seed, 0x5E1EC7]).generate_state(1, np.uint64)[0]
+        z = np.asarray(caption_ids).astype(np.uint64) + offset
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def choose_caption_ids(caption_ids, max_sets: int, seed: int) -> np.ndarray:
+    """The caption ids of a random choice of ``max_sets`` sets (all of them if fewer), sorted: the
+    ids with the smallest ``selection_keys``. A pure function of the id *set* and the seed — the
+    order the shards are read in, the number of shards, blocks or workers do not change it, and a
+    larger ``max_sets`` extends a smaller one's choice. Raises ``ValueError`` on duplicate ids."""
+    ids = np.asarray(caption_ids, dtype=np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("MIS caption ids repeat across the sets read; a verified MIS has one set "
+                         "per caption id (run python -m m2m_ray.mis.verify on the dataset)")
+    if len(ids) <= max_sets:
+        return np.sort(ids)
+    keys = selection_keys(ids, seed)
+    return np.sort(ids[np.argpartition(keys, max_sets - 1)[:max_sets]])
 
 
 def _mis_batch_to_sets(table, K: int):
@@ -109,8 +143,25 @@ def ray_set_dataset(inputs: GenerateInputsConfig, storage: StorageConfig | None 
     if not inputs.mis_uri:
         return ray.data.from_items(file_set_rows(inputs, storage))
     ds = read_mis(inputs.mis_uri, inputs.mis_format, storage, inputs.mis_split)
-    ds = ds.map_batches(_mis_batch_to_sets, fn_kwargs={"K": inputs.context_images},
-                        batch_format="pyarrow")
     if inputs.max_sets:
-        ds = ds.sort("order").limit(inputs.max_sets)  # the first N sets by caption_id, every run
-    return ds
+        # Pass 1 reads the caption ids alone (Parquet: one column) and chooses on the driver; pass
+        # 2 keeps the chosen sets. No sort or shuffle of the split's image bytes.
+        ids = read_mis(inputs.mis_uri, inputs.mis_format, storage, inputs.mis_split,
+                       columns=["caption_id", "split"])
+        all_ids = [batch["caption_id"] for batch in ids.iter_batches(
+            batch_size=None, batch_format="numpy")]
+        chosen = choose_caption_ids(np.concatenate(all_ids) if all_ids else [], inputs.max_sets,
+                                    inputs.selection_seed)
+        log.info("chose %d of %d MIS sets (max_sets, selection_seed %d)", len(chosen),
+                 sum(map(len, all_ids)), inputs.selection_seed)
+        ds = ds.map_batches(_keep_caption_ids, fn_kwargs={"chosen": chosen},
+                            batch_format="pyarrow")
+    return ds.map_batches(_mis_batch_to_sets, fn_kwargs={"K": inputs.context_images},
+                          batch_format="pyarrow")
+
+
+def _keep_caption_ids(table, chosen: np.ndarray):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return table.filter(pc.is_in(table["caption_id"], value_set=pa.array(chosen)))

@@ -44,7 +44,8 @@ from PIL import Image
 from m2m_ray.config import StorageConfig
 from m2m_ray.data.config import TrainDataConfig
 from m2m_ray.data.image_inputs import fit_square
-from m2m_ray.formats.mis import CorruptShardError, iter_sets
+from m2m_ray.formats.mis import CorruptShardError
+from m2m_ray.formats.mis_read import check_set_count, decode_latents, iter_sets
 from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.runtime import actor_pool_args, task_pool_args
 
@@ -102,6 +103,7 @@ class SetStream:
     on_bad_data: str
     sets_per_block: int
     storage_cfg: StorageConfig | None = None
+    shard_sets: tuple[int, ...] | None = None  # per shard: the set count its stats committed
 
     def item_at(self, index: int) -> int:
         """Global item id of the ``index``-th item of this rank's stream."""
@@ -109,16 +111,22 @@ class SetStream:
 
     def shard_of(self, item: int) -> tuple[int, str]:
         """``(epoch, shard URI)`` of a global item id."""
+        epoch, index = self.shard_index(item)
+        return epoch, self.shards[index]
+
+    def shard_index(self, item: int) -> tuple[int, int]:
+        """``(epoch, index into shards)`` of a global item id."""
         epoch, slot = divmod(item, len(self.shards))
         order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.shards))
-        return epoch, self.shards[order[slot]]
+        return epoch, int(order[slot])
 
 
 def plan_stream(cfg: TrainRun, shards: tuple[str, ...], mean_sets: float, stored_latents: bool,
                 rank: int, world_size: int, start: StreamPosition | None,
-                first_step: int) -> SetStream:
+                first_step: int, shard_sets: tuple[int, ...] | None = None) -> SetStream:
     """The stream of worker ``rank`` from ``start`` (None: its first item) to ``cfg.max_steps``;
-    ``mean_sets``: mean sets per shard (all splits); ``stored_latents``: ``use_stored_latents``."""
+    ``mean_sets``: mean sets per shard (all splits); ``stored_latents``: ``use_stored_latents``;
+    ``shard_sets``: each shard's committed set count, checked when it is read (None: unchecked)."""
     from m2m_ray.models.presets import (
         get_preset,  # imports torch: not in every read task
     )
@@ -135,7 +143,7 @@ def plan_stream(cfg: TrainRun, shards: tuple[str, ...], mean_sets: float, stored
         split=data.split, images_per_set=data.images_per_set, resolution=preset.resolution,
         dino_resolution=preset.dino_resolution if cfg.m2m.variant == "dino" else None,
         use_stored_latents=stored_latents, on_bad_data=data.on_bad_data,
-        sets_per_block=data.sets_per_block, storage_cfg=cfg.storage)
+        sets_per_block=data.sets_per_block, storage_cfg=cfg.storage, shard_sets=shard_sets)
 
 
 def use_stored_latents(cfg: TrainRun, shards: tuple[str, ...]) -> bool:
@@ -146,17 +154,25 @@ def use_stored_latents(cfg: TrainRun, shards: tuple[str, ...]) -> bool:
     mode = cfg.data.latents
     if mode == "encode":
         return False
-    first, where = None, shards[0]
-    for where in shards:
+    found, latents, where = False, None, shards[0]
+    for where in shards:  # the first set whose latents decode (skip mode passes bad ones by)
         try:
-            first = next(iter_sets(where, cfg.storage, want_images=False), None)
+            for sample in iter_sets(where, cfg.storage, want_images=False):
+                try:
+                    latents = None if sample["latents"] is None else decode_latents(
+                        sample["latents"], f"shard {where}: set {sample['caption_id']}")
+                except CorruptShardError:
+                    if cfg.data.on_bad_data == "error":
+                        raise
+                    continue
+                found = True
+                break
         except CorruptShardError:
             if cfg.data.on_bad_data == "error":
                 raise
-        if first is not None:
+        if found:
             break
     size = get_preset(cfg.model).resolution // vae_scale_factor(cfg.model)
-    latents = None if first is None else first["latents"]
     usable = latents is not None and tuple(latents.shape[-2:]) == (size, size)
     if mode == "stored" and not usable:
         found = "none" if latents is None else f"shape {tuple(latents.shape)}"
@@ -193,12 +209,14 @@ def read_item(batch: dict[str, np.ndarray], stream: SetStream,
     sets. ``row`` numbers the item's sets of ``split`` (a skipped bad set keeps its number)."""
     (index,) = batch["id"].tolist()
     item = stream.item_at(int(index))
-    epoch, uri = stream.shard_of(item)
+    epoch, shard = stream.shard_index(item)
+    uri = stream.shards[shard]
     skip = stream.start.row if item == stream.start.item else 0
     rows: list[dict[str, Any]] = []
-    row_number = -1
+    row_number, read = -1, 0
     try:
         for sample in iter_sets(uri, stream.storage_cfg, want_images=_wants_images(stream)):
+            read += 1
             if stream.split is not None and sample["split"] != stream.split:
                 continue
             row_number += 1
@@ -212,6 +230,9 @@ def read_item(batch: dict[str, np.ndarray], stream: SetStream,
             if len(rows) == stream.sets_per_block:
                 yield _stack(rows)
                 rows = []
+        # a file cut between two sets (a tar between members) reads as a valid, shorter shard
+        if stream.shard_sets is not None:
+            check_set_count(uri, read, stream.shard_sets[shard])
     except CorruptShardError as err:  # unreadable or truncated shard: its remaining sets are lost
         _bad(stream, report_bad, "shard", uri, err)
     if rows:
@@ -234,15 +255,23 @@ def _bad(stream: SetStream, report_bad: BadDataReporter | None, kind: str, uri: 
 
 def _sample_row(sample: dict[str, Any], stream: SetStream, epoch: int, uri: str) -> dict:
     cid = int(sample["caption_id"])
-    latents, images = sample["latents"], sample.get("images")
+    where = f"shard {uri}: set {cid}"
+    stored, images = sample["latents"], sample.get("images")  # stored: .npy bytes or None
+    latents = None  # (25, 4, h, w), decoded once where needed
+    if stored is not None and (stream.use_stored_latents or images is None):
+        latents = decode_latents(stored, where)
+    if images is None and latents is None:
+        raise CorruptShardError(f"{where} has neither images nor latents")
     total = len(images) if images is not None else latents.shape[0]
     indices = subset_indices(stream.seed, epoch, cid, stream.images_per_set, total)
     row: dict[str, Any] = {"caption_id": cid, "epoch": epoch, "indices": indices}
     if stream.use_stored_latents:
         if latents is None:
-            raise CorruptShardError(f"shard {uri}: set {cid} has no stored latents, unlike the "
-                                    "dataset's first set; rebuild the shard or use data.latents="
-                                    "encode")
+            raise CorruptShardError(f"{where} has no stored latents, unlike the dataset's first "
+                                    "set; rebuild the shard or use data.latents=encode")
+        if latents.shape[0] != total:
+            raise CorruptShardError(f"{where} stores {latents.shape[0]} latents for {total} "
+                                    "images")
         row["latents"] = latents[indices].astype(np.float16)  # (N, 4, h, w)
     if _wants_images(stream):
         decoded = [_decode(images[i], uri, cid, int(i)) for i in indices]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from m2m_ray.config import (
     POOL_KEYS_IN_ACTORS,
@@ -29,11 +29,29 @@ class EvalExtractorsConfig(StrictModel):
         "pt_inception-2015-12-05-6726825d.pth",
         description="The standard FID Inception weights (pt_inception-2015-12-05): local path, "
         "s3:// URI or http(s) URL (downloaded once to $TORCH_HOME/m2m_ray).")
+    fid_resizes: list[Literal["legacy_pytorch", "clean"]] = Field(
+        ["legacy_pytorch", "clean"], min_length=1,
+        description="FID input resizes, one FID column each (clean-fid's mode names; "
+        "m2m_ray/eval/inception.py): legacy_pytorch = pytorch-fid's bilinear, clean = "
+        "clean-fid's PIL bicubic. Each costs one Inception pass per image; IS uses the first.")
     clip_model_id: str = Field(
         "openai/clip-vit-large-patch14",
-        description="Hugging Face hub id or local folder of the CLIP model for CLIP scores.")
+        description="Hugging Face hub id or local folder of the CLIP model for CLIP-T / CLIP-I: "
+        "openai/clip-vit-large-patch14 (ViT-L/14, default) or openai/clip-vit-base-patch32 "
+        "(ViT-B/32); reports name the backbone.")
+    dino_model_id: str | None = Field(
+        "facebook/dino-vits16",
+        description="Hub id or local folder of the DINO ViT for the DINO image-image score "
+        "(DreamBench: ViT-S/16 = facebook/dino-vits16); null: no DINO column.")
     image_batch_size: int = Field(64, ge=1, description="Images per extractor forward pass.")
     tiny_seed: int = Field(0, description="Seed of the tiny extractors' random weights.")
+
+    @field_validator("fid_resizes")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"fid_resizes {value} names a resize twice")
+        return value
 
 
 class EvalProtocolConfig(StrictModel):

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from m2m_ray.formats.mis import iter_mis
+from m2m_ray.formats.mis_read import iter_mis
 from m2m_ray.shapes import evaluate as shapes_evaluate
 from m2m_ray.shapes import world
 from m2m_ray.shapes.evaluate import SCORED

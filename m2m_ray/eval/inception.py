@@ -1,18 +1,36 @@
-"""The FID Inception-v3 in plain torch (no torchvision), for the standard FID/IS weights.
+"""The FID Inception-v3 in plain torch (no torchvision), for the standard FID/IS weights, and the
+two input resizes FID is reported with.
 
 The standard weights are TensorFlow's ``inception-2015-12-05`` graph converted to PyTorch as
-``pt_inception-2015-12-05-6726825d.pth`` (pytorch-fid; torch-fidelity ships the same file name
-and hash). The network is torchvision's Inception-v3 layout with 1008 classes and no auxiliary
-head, plus the TF graph's quirks that FID depends on: average pools that do not count padding
-(Mixed_5*, 6b–6e, 7b) and a max pool in the last block's pool branch (Mixed_7c). Parameter names
-are the checkpoint's: ``<block>.<branch>.conv.weight`` and
+``pt_inception-2015-12-05-6726825d.pth`` (pytorch-fid; torch-fidelity and torchmetrics load the
+same file name and hash). The network is torchvision's Inception-v3 layout with 1008 classes and
+no auxiliary head, plus the TF graph's quirks that FID depends on: average pools that do not count
+padding (Mixed_5*, 6b–6e, 7b) and a max pool in the last block's pool branch (Mixed_7c). Parameter
+names are the checkpoint's: ``<block>.<branch>.conv.weight`` and
 ``<block>.<branch>.bn.{weight,bias,running_mean,running_var}`` for every conv, then ``fc.weight``
 (1008, 2048) and ``fc.bias``.
 
 Outputs per image: the 2048-d pool features (FID) and the 1008 unbiased logits
 ``pool @ fc.weight.T`` (IS; as torch-fidelity and the original IS code, which omit the bias).
-Input handling follows pytorch-fid: bilinear resize to 299×299 (``align_corners=False``), then
-pixel values scaled from [0, 255] to [-1, 1].
+
+Input resizes (``FID_RESIZES``; the names are clean-fid's modes, Parmar et al., "On Aliased
+Resizing and Surprising Subtleties in GAN Evaluation", CVPR 2022):
+
+- ``legacy_pytorch``: pytorch-fid's input path — ``F.interpolate(bilinear, align_corners=False)``
+  without antialiasing to 299×299 on [0, 255] floats, then ``x / 127.5 − 1`` (pytorch-fid's
+  ``2·x − 1`` on [0, 1]). clean-fid's ``legacy_pytorch`` mode is the same.
+- ``clean``: clean-fid's ``clean`` mode — each channel resized on its own as a float32 PIL image
+  (mode ``F``) with PIL's bicubic filter (antialiased when downsampling), no quantisation to
+  uint8, clipped to [0, 255]; then ``(x − 128) / 128``, the TF graph's own input scaling, as
+  clean-fid applies before the network.
+
+Both feed the same network, so with the standard weights the two FIDs differ only by the resize
+(and the scaling constant, 127.5 vs 128). torchmetrics 1.9 resizes inside torch-fidelity's
+network (bilinear with ``antialias=True`` by default, TF1-style bilinear with
+``antialias=False``) and scales by ``(x − 128) / 128``: neither mode here. Its float64 statistics
+and distance agree with ours given the same features, and clean-fid's resizer and network wrapper
+with ``clean`` (tests/test_eval_fid_reference.py). For 299×299 images every resize is the
+identity.
 """
 
 from __future__ import annotations
@@ -23,8 +41,10 @@ import os
 import re
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 if TYPE_CHECKING:
@@ -35,6 +55,12 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
+FID_RESIZES = {  # name → what it does (to the network's input size, 299² for Inception)
+    "legacy_pytorch": "bilinear (torch F.interpolate, align_corners=False, no antialias) to "
+                      "the input size, x/127.5 − 1: pytorch-fid, clean-fid mode legacy_pytorch",
+    "clean": "PIL bicubic on float32 per channel (antialiased, not quantised) to the input "
+             "size, clipped to [0, 255], (x − 128)/128: clean-fid mode clean",
+}
 
 
 class BasicConv2d(nn.Module):
@@ -182,11 +208,15 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7c = InceptionE(2048, max_pool=True)
         self.fc = nn.Linear(FEATURE_DIM, NUM_CLASSES)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images``: (B, 3, H, W) RGB with values in [0, 255] (any size; resized to 299)."""
-        x = F.interpolate(images.float(), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
-                          align_corners=False)  # (B, 3, 299, 299)
-        x = x / 255.0 * 2.0 - 1.0
+    def forward(self, images: torch.Tensor,
+                resize: str = "legacy_pytorch") -> tuple[torch.Tensor, torch.Tensor]:
+        """``images``: (B, 3, H, W) RGB with values in [0, 255] (any size), resized to 299 and
+        scaled as ``resize`` (a ``FID_RESIZES`` name) says → pool (B, 2048), logits (B, 1008)."""
+        return self.forward_input(fid_input(images, resize, INPUT_SIZE))
+
+    def forward_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: the network input (B, 3, 299, 299), already resized and scaled (``fid_input``)
+        → pool features (B, 2048) and unbiased logits (B, 1008)."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
@@ -198,6 +228,67 @@ class FIDInceptionV3(nn.Module):
         pool = x.mean(dim=(2, 3))  # (B, 2048)
         logits = pool @ self.fc.weight.T  # (B, 1008), unbiased as in the IS code
         return pool, logits
+
+
+def _check_resize(resize: str) -> None:
+    if resize not in FID_RESIZES:
+        raise ValueError(f"unknown FID resize {resize!r}; expected one of {sorted(FID_RESIZES)}")
+
+
+def resize_image(pixels: np.ndarray, resize: str, size: int) -> torch.Tensor:
+    """One RGB image, (H, W, 3) uint8, resized to (3, size, size) float32 in [0, 255] as
+    ``resize`` does (``FID_RESIZES``; not yet scaled). Raises ``ValueError`` for another name or
+    shape."""
+    _check_resize(resize)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {pixels.shape}")
+    if resize == "clean":
+        return _clean_float(pixels.astype(np.float32), size)
+    image = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def scale_input(x: torch.Tensor, resize: str) -> torch.Tensor:
+    """[0, 255] → the network's input range, as the source of ``resize`` scales: pytorch-fid's
+    ``x/127.5 − 1`` for ``legacy_pytorch``, the TF graph's ``(x − 128)/128`` for ``clean``."""
+    _check_resize(resize)
+    return x / 127.5 - 1.0 if resize == "legacy_pytorch" else (x - 128.0) / 128.0
+
+
+def fid_input(images: torch.Tensor, resize: str, size: int = INPUT_SIZE) -> torch.Tensor:
+    """A batch (B, 3, H, W) in [0, 255] → network input (B, 3, size, size), resized and scaled as
+    ``resize`` says. ``legacy_pytorch`` stays on the batch's device; ``clean`` resizes each image
+    with PIL on the CPU (as clean-fid does) and moves the result back."""
+    _check_resize(resize)
+    if resize == "clean":
+        pixels = images.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()
+        resized = torch.stack([_clean_float(p, size) for p in pixels]).to(images.device)
+    else:
+        resized = F.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                align_corners=False)
+    return scale_input(resized, resize)  # (B, 3, size, size)
+
+
+def _clean_float(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """clean-fid's clean resize of an (H, W, 3) float image in [0, 255]: one float32 PIL image
+    (mode F) per channel, bicubic to size × size, clipped → (3, size, size) float32."""
+    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c], np.float32))
+                           .resize((size, size), Image.BICUBIC)) for c in range(3)]
+    return torch.from_numpy(np.stack(channels).clip(0, 255).astype(np.float32))
+
+
+def random_fid_inception(seed: int) -> FIDInceptionV3:
+    """The FID Inception with seeded random weights that keep activations at unit scale (He
+    normal convs, identity batch norms), for tests and benchmarks without the real checkpoint:
+    its features measure nothing. (PyTorch's default conv init shrinks the activations ~10⁸×
+    over the 94 convs, which makes every FID ≈ 0.)"""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FIDInceptionV3()
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return model.eval().requires_grad_(False)
 
 
 def _read_checkpoint(source: str, storage: "StorageConfig | None") -> bytes:

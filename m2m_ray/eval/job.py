@@ -1,11 +1,13 @@
-"""The evaluation job on Ray Data: a generations folder → per-k FID, IS, CLIP-T, CLIP-I → reports.
+"""The evaluation job on Ray Data: a generations folder → per-k FID (one per resize), IS, CLIP-T,
+CLIP-I and DINO → reports.
 
 Data flow (paper Table 1 protocol, K context images and M generated images per set)::
 
     generations.jsonl ──driver: validate sets (K, M, split)──► one row per set
       ─► map_batches(SetFeatureExtractor, ActorPoolStrategy, num_gpus)   GPU actors
-           one row per image: group (0 = context, k = 1..M), Inception pool features,
-           class probabilities, CLIP-T and CLIP-I scores (a set's context stays on one actor)
+           one row per image: group (0 = context, k = 1..M), Inception pool features per FID
+           resize (pool_<resize>), class probabilities, CLIP-T, CLIP-I and DINO scores (a set's
+           context stays on one actor)
       ─► sort("group") ─► map_batches(reduce_partials, reduce_batch_rows)   CPU tasks
            one row per (batch, group): pickled GroupStats (count, Σx, Σxxᵀ, Σp, Σ p log p, ...)
       ─► driver: merge the partial statistics by addition, compute the metrics, write reports
@@ -32,6 +34,7 @@ from m2m_ray.eval.stats import (
     FrechetReference,
     GroupStats,
     clip_score,
+    dino_score,
     neg_entropy,
     softmax64,
 )
@@ -110,6 +113,18 @@ class SetFeatureExtractor:
             images.extend(set_images)
         return good, images, skipped
 
+    def _dino_scores(self, images: list, sets: int) -> np.ndarray:
+        """DINO per image, (S*(K+M),): mean over the set's K context images of 100·cos; NaN for
+        context images and when there is no DINO model."""
+        K = self.cfg.protocol.context_images
+        per_set = K + self.cfg.protocol.generated_images
+        scores = np.full((sets, per_set), np.nan)
+        if images and self.extractors.dino is not None:
+            embeds = self.extractors.dino_embeddings(images).reshape(sets, per_set, -1)
+            pair_cos = np.einsum("sme,ske->smk", embeds[:, K:], embeds[:, :K])  # (S, M, K)
+            scores[:, K:] = dino_score(pair_cos).mean(axis=2)
+        return scores.reshape(-1)
+
     def _clip_scores(self, images: list, captions: list) -> tuple[np.ndarray, np.ndarray]:
         """CLIP-T and CLIP-I per image, (S*(K+M),) each; NaN where not defined (context images,
         sets without a caption)."""
@@ -136,10 +151,12 @@ class SetFeatureExtractor:
         ext = self.extractors
         d, C, per_set = ext.feature_dim, ext.num_classes, K + M
         groups = np.tile(np.arange(per_set) - K + 1, len(good)).clip(CONTEXT)  # (S*(K+M),)
-        features, logits = (ext.inception_features(images) if images
-                            else (np.zeros((0, d), np.float32), np.zeros((0, C), np.float32)))
+        features, logits = (ext.inception_features(images) if images else (
+            {name: np.zeros((0, d), np.float32) for name in ext.fid_resizes},
+            np.zeros((0, C), np.float32)))  # {resize: (S*(K+M), d)}, (S*(K+M), C)
         probs = softmax64(logits)  # (S*(K+M), C)
         clip_text, clip_image = self._clip_scores(images, [batch["caption"][i] for i in good])
+        dino = self._dino_scores(images, len(good))
         set_ids = [str(batch["set_id"][i]) for i in good for _ in range(per_set)]
         splits = [is_split_of(s, self.cfg.is_splits) for s in set_ids]
         n_bad = len(skipped)
@@ -147,12 +164,14 @@ class SetFeatureExtractor:
             "group": np.concatenate([groups, np.full(n_bad, SKIPPED)]).astype(np.int64),
             "set_id": np.array(set_ids + [s for s, _ in skipped], dtype=object),
             "reason": np.array([""] * len(set_ids) + [r for _, r in skipped], dtype=object),
-            "pool": np.concatenate([features, np.zeros((n_bad, d), np.float32)]),
+            **{f"pool_{name}": np.concatenate([pool, np.zeros((n_bad, d), np.float32)])
+               for name, pool in features.items()},
             "probs": np.concatenate([probs, np.zeros((n_bad, C))]),
             "neg_entropy": np.concatenate([neg_entropy(probs), np.zeros(n_bad)]),
             "is_split": np.array(splits + [0] * n_bad, dtype=np.int64),
             "clip_text": np.concatenate([clip_text, np.full(n_bad, np.nan)]),
             "clip_image": np.concatenate([clip_image, np.full(n_bad, np.nan)]),
+            "dino": np.concatenate([dino, np.full(n_bad, np.nan)]),
         }
 
 
@@ -160,9 +179,11 @@ def _has_caption(caption: Any) -> bool:
     return isinstance(caption, str) and bool(caption.strip())
 
 
-def reduce_partials(batch: dict[str, np.ndarray], is_splits: int) -> dict[str, np.ndarray]:
-    """Image rows → one row per group present: ``group`` and pickled ``GroupStats`` (or, for
-    skipped sets, a pickled list of ``(set_id, reason)``)."""
+def reduce_partials(batch: dict[str, np.ndarray], is_splits: int,
+                    resizes: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Image rows → one row per group present: ``group`` and pickled ``GroupStats`` with moments
+    of the ``pool_<resize>`` column of every FID resize (or, for skipped sets, a pickled list of
+    ``(set_id, reason)``)."""
     out_groups, out_stats = [], []
     for group in np.unique(batch["group"]):
         rows = batch["group"] == group
@@ -170,12 +191,15 @@ def reduce_partials(batch: dict[str, np.ndarray], is_splits: int) -> dict[str, n
             payload: Any = list(zip(batch["set_id"][rows].tolist(),
                                     batch["reason"][rows].tolist()))
         else:
-            pool, probs = batch["pool"][rows], batch["probs"][rows]
-            payload = GroupStats.empty(pool.shape[1], probs.shape[1], is_splits)
-            payload.features.update(pool)
+            probs = batch["probs"][rows]
+            dim = batch[f"pool_{resizes[0]}"].shape[1]
+            payload = GroupStats.empty(dim, probs.shape[1], is_splits, resizes)
+            for name in resizes:
+                payload.features[name].update(batch[f"pool_{name}"][rows])
             payload.classes.update(probs, batch["is_split"][rows], batch["neg_entropy"][rows])
             payload.clip_text.update(batch["clip_text"][rows])
             payload.clip_image.update(batch["clip_image"][rows])
+            payload.dino.update(batch["dino"][rows])
         out_groups.append(int(group))
         out_stats.append(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
     return {"group": np.array(out_groups, np.int64), "stats": np.array(out_stats, dtype=object)}
@@ -185,27 +209,43 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
-def metrics_per_k(groups: dict[int, GroupStats], M: int) -> list[dict[str, Any]]:
-    """Table rows for k = 1..M from the merged statistics."""
+def metrics_per_k(groups: dict[int, GroupStats], M: int,
+                  resizes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Table rows for k = 1..M from the merged statistics: ``fid_<resize>`` for every FID resize
+    (k-th generated images vs the context images; None with fewer than 2 images on a side),
+    ``is_mean`` / ``is_std``, ``clip_text``, ``clip_image``, ``dino`` (None where no image
+    had one) and their image counts."""
     real = groups.get(CONTEXT)
-    reference = (FrechetReference(*real.features.mean_cov())
-                 if real is not None and real.features.count >= 2 else None)
+    references = {name: FrechetReference(*real.features[name].mean_cov())
+                  for name in resizes if real is not None and real.count >= 2}
     rows = []
     for k in range(1, M + 1):
         fake = groups.get(k)
-        row: dict[str, Any] = {"k": k, "images": fake.features.count if fake else 0}
-        enough = reference is not None and fake is not None and fake.features.count >= 2
-        row["fid"] = (_finite(reference.distance(*fake.features.mean_cov())) if enough
-                      else None)
-        is_mean, is_std = fake.classes.inception_score() if fake and fake.features.count else (
+        row: dict[str, Any] = {"k": k, "images": fake.count if fake else 0}
+        for name in resizes:
+            enough = name in references and fake is not None and fake.count >= 2
+            row[f"fid_{name}"] = (_finite(references[name].distance(
+                *fake.features[name].mean_cov())) if enough else None)
+        is_mean, is_std = fake.classes.inception_score() if fake and fake.count else (
             None, None)
         row.update(is_mean=_finite(is_mean), is_std=_finite(is_std))
-        for name in ("clip_text", "clip_image"):
+        for name in ("clip_text", "clip_image", "dino"):
             stats = getattr(fake, name) if fake else None
             row[name] = stats.mean() if stats else None
             row[f"{name}_images"] = stats.count if stats else 0
         rows.append(row)
     return rows
+
+
+def image_formats(sets: list[gen.GenerationSet], K: int, M: int) -> dict[str, dict[str, int]]:
+    """``{"context": {suffix: images}, "generated": {...}}`` of the evaluated images, by file
+    suffix: FID needs lossless generated images (``.png``, the generate job's default)."""
+    def count(paths: list[str]) -> dict[str, int]:
+        suffixes = [p.rsplit(".", 1)[-1].lower() if "." in p else "none" for p in paths]
+        return {suffix: suffixes.count(suffix) for suffix in sorted(set(suffixes))}
+
+    return {"context": count([p for s in sets for p in s.context[-K:]]),
+            "generated": count([p for s in sets for p in s.generated[:M]])}
 
 
 def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any]:
@@ -214,10 +254,12 @@ def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any
     import ray
 
     from m2m_ray import storage as st
-    from m2m_ray.eval.extractors import extractor_label
+    from m2m_ray.eval.extractors import describe_extractors
     from m2m_ray.eval.report import build_report, write_reports
 
     started = time.time()
+    extractors = describe_extractors(cfg.extractors)  # before any Ray work: names every backbone
+    resizes = tuple(extractors["fid"]["resizes"])
     sets = gen.read_generations(generations_uri, cfg.storage)
     selected, skipped = select_sets(sets, cfg)
     if skipped and cfg.on_bad_set == "error":
@@ -236,7 +278,7 @@ def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any
             SetFeatureExtractor, fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg)},
             batch_size=cfg.sets_per_batch, batch_format="numpy", **actor_pool_args(cfg.actors))
         partials = features.sort("group").map_batches(
-            reduce_partials, fn_kwargs={"is_splits": cfg.is_splits},
+            reduce_partials, fn_kwargs={"is_splits": cfg.is_splits, "resizes": resizes},
             batch_size=cfg.reduce_batch_rows, batch_format="numpy")
         for batch in partials.iter_batches(batch_size=1, batch_format="numpy"):
             group, payload = int(batch["group"][0]), pickle.loads(batch["stats"][0])
@@ -257,7 +299,8 @@ def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any
     report = build_report(
         cfg=cfg, generations_uri=generations_uri, sets_total=len(sets),
         sets_evaluated=len(evaluated), skipped=skipped, splits=splits,
-        per_k=metrics_per_k(groups, M), extractor_label=extractor_label(cfg.extractors),
+        per_k=metrics_per_k(groups, M, resizes), extractors=extractors,
+        image_formats=image_formats(evaluated, K, M),
         method=models.pop() if len(models) == 1 else None, wall_s=time.time() - started)
     output_uri = cfg.output_uri or st.join(generations_uri, "eval")
     report["files"] = write_reports(report, output_uri, cfg.storage)

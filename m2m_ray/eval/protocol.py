@@ -13,7 +13,9 @@ def generation_for_eval(cfg: EvalConfig) -> GenerateJobConfig:
     """The generation job of an evaluation (``cfg.generate``) with the evaluation's protocol: K =
     ``protocol.context_images``, M = ``protocol.generated_images``, ``protocol.max_sets`` and
     ``protocol.split``. Setting one of those differently in the generate section is a
-    ``ConfigError``, not silently overridden."""
+    ``ConfigError``, not silently overridden; so is ``image_format: jpeg``, because FID needs the
+    generated images lossless (PNG): JPEG compression alone moves FID (Parmar et al., clean-fid,
+    CVPR 2022)."""
     spec, protocol = cfg.generate, cfg.protocol
     if spec is None:
         raise ConfigError("no generate section: give --generations=<folder> to evaluate existing "
@@ -31,6 +33,9 @@ def generation_for_eval(cfg: EvalConfig) -> GenerateJobConfig:
         raise ConfigError("the generate section disagrees with the evaluation protocol: "
                           + "; ".join(conflicts) + ". Set these in the evaluation's protocol section "
                           "only (they are passed on to the generation)")
+    if spec.image_format != "png":
+        raise ConfigError(f"generate.image_format = {spec.image_format!r}: FID is computed on "
+                          "the saved generated images, which must be lossless; use png")
     if not (spec.inputs.mis_uri or spec.inputs.mis_shard) and protocol.split is not None:
         raise ConfigError(f"generated sets of images / COCO inputs have split {EXTERNAL_SPLIT!r}, "
                           f"so protocol.split={protocol.split!r} would skip them all; set "

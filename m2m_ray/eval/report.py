@@ -1,9 +1,12 @@
 """Evaluation reports: ``report.json`` (everything), ``report.md`` (the paper's Table 1 layout plus
 the per-k table) and ``report.png`` (each metric against k).
 
-Every report says what its numbers were measured with (the extractor label; tiny random extractors
-are flagged in the title), how many sets were evaluated and skipped and why, and the split the sets
-came from. Summary values are mean ± std over k = 1..M with the population std (ddof = 0).
+Every report says what its numbers were measured with — every backbone (the FID Inception and
+its weights, CLIP's ViT, DINO's ViT) and every resize (one FID column per resize, the one IS
+used, CLIP's and DINO's preprocessing); tiny random extractors are flagged in the title — how
+many sets were evaluated and skipped and why, the split the sets came from, and the file formats
+of the evaluated images (FID needs lossless generated images). Summary values are mean ± std over k = 1..M with the
+population std (ddof = 0).
 """
 
 from __future__ import annotations
@@ -23,24 +26,24 @@ if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig
     from m2m_ray.eval.config import EvalConfig
 
-METRICS = [  # key in a per-k row, column title, better
-    ("fid", "FID", "↓"),
-    ("is_mean", "IS", "↑"),
-    ("clip_text", "CLIP-T", "↑"),
-    ("clip_image", "CLIP-I", "↑"),
-]
-SHAPES_METRICS = [  # the same keys measured by the shapes extractors (shapes_extractors.py)
-    ("fid", "FID (read-out features)", "↓"),
-    ("is_mean", "IS (48 attribute classes)", "↑"),
-    ("clip_text", "caption agreement %", "↑"),
-    ("clip_image", "context agreement %", "↑"),
-]
+LOSSLESS = {"png"}
 MAX_LISTED_SKIPS = 100
 
 
-def metrics_of(kind: str) -> list[tuple[str, str, str]]:
-    """(key, column title, better) of the report's metrics for an extractor kind."""
-    return SHAPES_METRICS if kind == "shapes" else METRICS
+def metrics_of(extractors: dict[str, Any], kind: str) -> list[tuple[str, str, str]]:
+    """(key in a per-k row, column title, better) of the report's metrics: one FID per resize,
+    IS, CLIP-T, CLIP-I and, with a DINO model, DINO (DreamBench's names); the shapes world's
+    read-out measures under the same keys with their own titles."""
+    resizes = list(extractors["fid"]["resizes"])
+    if kind == "shapes":
+        return ([(f"fid_{name}", "FID (read-out features)", "↓") for name in resizes]
+                + [("is_mean", "IS (48 attribute classes)", "↑"),
+                   ("clip_text", "caption agreement %", "↑"),
+                   ("clip_image", "context agreement %", "↑")])
+    return ([(f"fid_{name}", f"FID {name}", "↓") for name in resizes]
+            + [("is_mean", "IS", "↑"), ("clip_text", "CLIP-T", "↑"),
+               ("clip_image", "CLIP-I", "↑")]
+            + ([("dino", "DINO", "↑")] if extractors.get("dino") else []))
 
 
 def _mean_std(values: list[float | None]) -> dict[str, Any]:
@@ -53,15 +56,24 @@ def _mean_std(values: list[float | None]) -> dict[str, Any]:
 
 def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
                  sets_evaluated: int, skipped: list[dict[str, str]], splits: dict[str, int],
-                 per_k: list[dict[str, Any]], extractor_label: str, method: str | None,
+                 per_k: list[dict[str, Any]], extractors: dict[str, Any],
+                 image_formats: dict[str, dict[str, int]], method: str | None,
                  wall_s: float) -> dict[str, Any]:
+    """The report dict. ``extractors``: ``describe_extractors(cfg.extractors)`` (every backbone
+    and resize); ``per_k``: ``job.metrics_per_k`` rows; ``image_formats``: ``job.image_formats``."""
     tiny, kind = cfg.extractors.kind == "tiny", cfg.extractors.kind
-    titles = ", ".join(title for _, title, _ in metrics_of(kind))
+    metrics = metrics_of(extractors, kind)
+    titles = ", ".join(title for _, title, _ in metrics)
+    lossy = sorted(set(image_formats.get("generated", {})) - LOSSLESS)
     return {
         "title": ("[TINY RANDOM EXTRACTORS: meaningless numbers] " if tiny else "")
         + ("M2M on the shapes world: " if kind == "shapes" else "M2M evaluation: ")
         + f"{titles} per generated image k",
-        "extractors": {"kind": cfg.extractors.kind, "label": extractor_label},
+        "extractors": {"kind": cfg.extractors.kind, **extractors},
+        "image_formats": image_formats,
+        "warnings": ([f"generated images stored as {', '.join(lossy)} (lossy): FID is not "
+                      "comparable with FIDs of lossless images; generate with "
+                      "image_format: png"] if lossy else []),
         "method": method or generations_uri.rstrip("/").rsplit("/", 1)[-1],
         "input": {
             "generations_uri": generations_uri,
@@ -77,14 +89,21 @@ def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
             "context_images": cfg.protocol.context_images,
             "generated_images": cfg.protocol.generated_images,
             "fid": "k-th generated image of every set vs the K context images of every set; "
-                   "Inception pool features, unbiased covariances",
+                   "Inception pool features, float64 mean and unbiased covariance over the "
+                   "whole set; one FID per resize: "
+                   + "; ".join(f"{name} = {what}"
+                               for name, what in extractors["fid"]["resizes"].items()),
             "is": f"{cfg.is_splits} splits by a hash of set_id; mean ± std (ddof 0) over "
-                  "splits; softmax of the unbiased logits",
+                  "splits; softmax of the unbiased logits; images resized as "
+                  f"{extractors['is']['resize']}",
             "clip_text": f"CLIPScore w·max(100·cos, 0), w = {cfg.clip_score_weight:g}, of the "
                          "k-th generated image and its set's caption (none for sets without "
                          "a caption)",
             "clip_image": "mean over the K context images of CLIPScore (same w) of the k-th "
                           "generated image and that context image",
+            **({"dino": "mean over the K context images of 100·cos of the DINO [CLS] "
+                        "embeddings of the k-th generated image and that context image "
+                        "(DreamBench)"} if extractors.get("dino") else {}),
             "summary": "mean ± std (ddof 0) over k = 1..M, as the paper's Table 1",
             **({"shapes": "FID on the read-out's pooled features; IS over 48 joint attribute "
                           "classes; CLIP-T / CLIP-I measure the % of shape, colour, background "
@@ -92,8 +111,9 @@ def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
                if kind == "shapes" else {}),
         },
         "per_k": per_k,
-        "summary": {key: _mean_std([row[key] for row in per_k]) for key, _, _ in METRICS},
-        "metric_titles": {key: title for key, title, _ in metrics_of(kind)},
+        "summary": {key: _mean_std([row[key] for row in per_k]) for key, _, _ in metrics},
+        "metrics": [list(metric) for metric in metrics],  # [key, column title, better]
+        "metric_titles": {key: title for key, title, _ in metrics},
         "config": config_to_dict(cfg),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": round(wall_s, 2),
@@ -106,13 +126,30 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2g}"
 
 
+def _backbone_lines(extractors: dict[str, Any]) -> list[str]:
+    """Markdown bullets naming every backbone and every resize (``describe_extractors``)."""
+    fid, inception_score = extractors["fid"], extractors["is"]
+    lines = [f"- FID network: {fid['network']}; weights `{fid['weights']}`; {fid['features']}"]
+    lines += [f"- FID resize `{name}`: {what}" for name, what in fid["resizes"].items()]
+    lines.append(f"- IS: {inception_score['network']}, resize `{inception_score['resize']}`")
+    for name, title in (("clip", "CLIP (CLIP-T, CLIP-I)"), ("dino", "DINO")):
+        model = extractors.get(name)
+        lines.append(f"- {title}: " + ("none" if model is None else
+                                        f"{model['backbone']} (`{model['model']}`); "
+                                        f"{model['preprocess']}"))
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    inp, proto = report["input"], report["protocol"]
-    metrics = metrics_of(report["extractors"]["kind"])
+    inp, proto, extractors = report["input"], report["protocol"], report["extractors"]
+    metrics = report["metrics"]
     lines = [f"# {report['title']}", ""]
-    if report["extractors"]["kind"] == "tiny":
-        lines += [f"> **{report['extractors']['label']}**", ""]
+    if extractors["kind"] == "tiny":
+        lines += [f"> **{extractors['label']}**", ""]
+    lines += [f"> **Warning: {warning}**" for warning in report["warnings"]]
     split = ", ".join(f"{k} {v}" for k, v in inp["split"].items()) or "none"
+    formats = "; ".join(f"{group}: " + ", ".join(f"{n} {suffix}" for suffix, n in counts.items())
+                        for group, counts in report["image_formats"].items())
     lines += [
         f"- generations: `{inp['generations_uri']}`",
         f"- sets: {inp['sets_evaluated']} evaluated of {inp['sets_total']}, "
@@ -120,7 +157,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- split of the evaluated sets: {split} (expected: {inp['expected_split']})",
         f"- K = {proto['context_images']} context images, M = {proto['generated_images']} "
         "generated images per set",
-        f"- extractors: {report['extractors']['label']}",
+        f"- image files: {formats or 'none'}",
+        "",
+        "## Backbones and resizes",
+        "",
+        *_backbone_lines(extractors),
         "",
         "## Table 1 layout (mean ± std over k)",
         "",
@@ -132,14 +173,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Per generated image k",
         "",
-        "| k | images | {} {} | {} {} (± std over splits) | {} {} | {} {} |".format(
-            *[part for _, t, b in metrics for part in (t, b)]),
-        "|---|---|---|---|---|---|",
+        "| k | images | " + " | ".join(
+            f"{t} {b}" + (" (± std over splits)" if k == "is_mean" else "")
+            for k, t, b in metrics) + " |",
+        "|---" * (len(metrics) + 2) + "|",
     ]
     for row in report["per_k"]:
-        lines.append(f"| {row['k']} | {row['images']} | {_fmt(row['fid'])} | "
-                     f"{_fmt(row['is_mean'])} ± {_fmt(row['is_std'])} | "
-                     f"{_fmt(row['clip_text'])} | {_fmt(row['clip_image'])} |")
+        lines.append(f"| {row['k']} | {row['images']} | " + " | ".join(
+            f"{_fmt(row['is_mean'])} ± {_fmt(row['is_std'])}" if key == "is_mean"
+            else _fmt(row[key]) for key, _, _ in metrics) + " |")
     lines += ["", f"## Skipped sets: {inp['sets_skipped']}", ""]
     if inp["sets_skipped"]:
         lines += ["| reason | sets |", "|---|---|"]
@@ -163,7 +205,7 @@ def render_plot(report: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     ks = [row["k"] for row in report["per_k"]]
-    metrics = metrics_of(report["extractors"]["kind"])
+    metrics = report["metrics"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4))
     for ax, (key, title, better) in zip(axes, metrics):
         values = [np.nan if row[key] is None else row[key] for row in report["per_k"]]

@@ -12,6 +12,7 @@ interface, so the job, its statistics and its reports are unchanged.
   three attributes on which image and caption agree (with ``clip_score_weight`` 1).
 - CLIP-I → *context agreement*: the same for a generated image and each context image, averaged
   over the K context images by the job: the percentage of attributes shared with the context.
+- No DINO score (``dino = None``): context agreement is this world's image-image measure.
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ SHAPES_LABEL = ("shapes world: FID and IS on the attribute read-out (m2m_ray.sha
                 "caption / context agreement = % of shape, colour, background that agree")
 _ORDER = [(name, values) for name, values in world.ATTRIBUTES.items()]
 _WIDTH = sum(len(values) for _, values in _ORDER)  # 11 one-hot slots
+READOUT_RESIZE = "readout"  # the one "FID resize": the read-out's own 32 px input (bilinear)
+
+
+def describe_shapes() -> dict:
+    """``describe_extractors`` for ``kind: shapes``: what each column measures."""
+    readout = "attribute read-out CNN (m2m_ray.shapes.readout), pooled features"
+    return {"label": SHAPES_LABEL,
+            "fid": {"network": readout, "weights": "shipped read-out weights",
+                    "features": "pooled read-out features; float64 mean and unbiased covariance",
+                    "resizes": {READOUT_RESIZE: f"images other than {SIZE}² resized bilinear "
+                                                f"(PIL) to {SIZE}²"}},
+            "is": {"network": "read-out heads, 48 joint attribute classes",
+                   "resize": READOUT_RESIZE},
+            "clip": {"backbone": "none: one-hot read-out attributes (image) and caption "
+                                 "attributes (text)", "model": "m2m_ray.shapes.readout",
+                     "preprocess": f"{SIZE}² bilinear"},
+            "dino": None}
 
 
 def _one_hot(attributes: dict[str, str | None]) -> np.ndarray:
@@ -46,6 +64,8 @@ class ShapesExtractors:
 
     kind = "shapes"  # the joint-class index below relies on the read-out heads' value order
     label = SHAPES_LABEL
+    fid_resizes = (READOUT_RESIZE,)
+    dino = None
 
     def __init__(self, image_batch_size: int = 256, device: str = "cpu") -> None:
         if HEADS["shape"] != world.SHAPES or HEADS["background"] != world.BACKGROUNDS:
@@ -64,9 +84,10 @@ class ShapesExtractors:
                          for image in images])
 
     @torch.inference_mode()
-    def inception_features(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-        """Read-out features ``(N, d)`` and joint-class logits ``(N, 48)``, float32; class index
-        = (shape · 4 + colour) · 3 + background."""
+    def inception_features(self, images: Sequence[Image.Image]
+                           ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Read-out features ``{"readout": (N, d)}`` and joint-class logits ``(N, 48)``, float32;
+        class index = (shape · 4 + colour) · 3 + background."""
         pixels = self._pixels(images)
         features, shape_lp, background_lp = [], [], []
         for start in range(0, len(pixels), self.image_batch_size):  # one CNN pass per image
@@ -80,7 +101,7 @@ class ShapesExtractors:
         colour_lp[np.arange(len(pixels)), colours] = 0.0
         joint = (np.concatenate(shape_lp)[:, :, None, None] + colour_lp[:, None, :, None]
                  + np.concatenate(background_lp)[:, None, None, :])  # (N, 4, 4, 3)
-        return (np.concatenate(features).astype(np.float32),
+        return ({READOUT_RESIZE: np.concatenate(features).astype(np.float32)},
                 joint.reshape(len(pixels), -1).astype(np.float32))
 
     def clip_image_embeddings(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -10,7 +10,7 @@ all of them at once — no worker and not the driver ever needs all features tog
 - ``ClassProbStats``: per IS split, count, Σ p(y|x) and Σ_x Σ_y p log p. Then
   ``KL_s = (1/n) Σ_x Σ_y p log p − Σ_y p̄ log p̄`` with ``p̄ = Σ p / n``, which is exactly the mean
   over x of KL(p(y|x) ‖ p̄) of the direct formula, and ``IS_s = exp(KL_s)``.
-- ``ScalarStats``: count, Σ and Σ² of per-image scores (CLIP text-image, CLIP image-image).
+- ``ScalarStats``: count, Σ and Σ² of per-image scores (CLIP text-image, CLIP image-image, DINO).
 
 ``frechet_distance`` computes tr √(Σ₁Σ₂) from the symmetric matrix Σ₁^½ Σ₂ Σ₁^½ with ``eigh``: its
 eigenvalues are those of Σ₁Σ₂, but a symmetric solver keeps them real and the result stable where
@@ -213,27 +213,49 @@ class ScalarStats:
 
 
 def clip_score(cosine: np.ndarray, weight: float) -> np.ndarray:
-    """Hessel et al. (2021) CLIPScore: ``w · max(100 · cos, 0)`` per pair (see EvalConfig)."""
+    """Hessel et al. (2021) CLIPScore: ``w · max(100 · cos, 0)`` per pair (see EvalConfig);
+    ``cosine`` any shape, result float64 of the same shape."""
     return weight * np.maximum(100.0 * np.asarray(cosine, np.float64), 0.0)
+
+
+def dino_score(cosine: np.ndarray) -> np.ndarray:
+    """DreamBench's DINO score (Ruiz et al. 2023, §4.1): ``100 · cos`` of DINO ViT-S/16 [CLS]
+    embeddings per pair, not clipped; ``cosine`` any shape, result float64 of the same shape."""
+    return 100.0 * np.asarray(cosine, np.float64)
 
 
 @dataclass
 class GroupStats:
     """Everything the report needs about one group of images (the context images, or the k-th
-    generated images of every set), mergeable by addition."""
+    generated images of every set), mergeable by addition: Inception moments per FID resize
+    (``features[resize]``), IS class statistics, and CLIP-T, CLIP-I and DINO score sums."""
 
-    features: GaussianMoments
+    features: dict[str, GaussianMoments]
     classes: ClassProbStats
     clip_text: ScalarStats = field(default_factory=ScalarStats)
     clip_image: ScalarStats = field(default_factory=ScalarStats)
+    dino: ScalarStats = field(default_factory=ScalarStats)
 
     @classmethod
-    def empty(cls, feature_dim: int, num_classes: int, is_splits: int) -> "GroupStats":
-        return cls(GaussianMoments(feature_dim), ClassProbStats(num_classes, is_splits))
+    def empty(cls, feature_dim: int, num_classes: int, is_splits: int,
+              resizes: tuple[str, ...]) -> "GroupStats":
+        """No images yet: moments of ``feature_dim``-d features for each of ``resizes``."""
+        return cls({name: GaussianMoments(feature_dim) for name in resizes},
+                   ClassProbStats(num_classes, is_splits))
+
+    @property
+    def count(self) -> int:
+        """Images in the group (every resize sees all of them)."""
+        return next(iter(self.features.values())).count
 
     def merge(self, other: "GroupStats") -> "GroupStats":
-        self.features.merge(other.features)
+        if set(other.features) != set(self.features):
+            raise ValueError(f"cannot merge statistics of FID resizes {sorted(other.features)} "
+                             f"into {sorted(self.features)}")
+        for name, moments in other.features.items():
+            self.features[name].merge(moments)
         self.classes.merge(other.classes)
         self.clip_text.merge(other.clip_text)
         self.clip_image.merge(other.clip_image)
+        self.dino.merge(other.dino)
         return self

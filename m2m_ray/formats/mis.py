@@ -1,5 +1,5 @@
-"""The MIS on-disk contract, in one module: where shards live, how one is written and committed,
-the manifest, and how shards are listed and read back (both formats give the same sample).
+"""The MIS on-disk contract: where shards live, how one is written and committed, the manifest,
+and the listing of committed shards (both formats hold the same sets).
 
 Layout under a dataset root (local path or s3://)::
 
@@ -9,33 +9,28 @@ Layout under a dataset root (local path or s3://)::
     mis/manifest.json                 committed shards and totals, rewritten at the end of every run
     mis/generate_config.json          the settings every shard of this dataset was generated with
 
-A shard is built in a local temporary folder, moved to its final names (atomic rename locally; a
-single PUT on S3, which makes an object visible only once whole) and committed by writing its stats
-JSON last. Readers and reruns trust only shards whose stats file exists, so a killed job never leaves
+A shard is built in a local temporary folder (under ``shard_temp_root()``, one folder per live
+process; a writer that starts sweeps the folders of dead processes), moved to its final names
+(atomic rename locally; a single PUT on S3, which makes an object visible only once whole) and
+committed by writing its stats JSON last. Readers and reruns trust only shards whose stats file exists, so a killed job never leaves
 a partial shard that counts as committed, and a rerun redoes exactly the uncommitted ones.
 
-Reading: a sample is a dict::
-
-    caption_id int, shard_id int, split str, caption str, url str, seeds list[int],
-    images list[bytes] (encoded, in seed order), image_ext str,
-    latents np.ndarray float16 [N, 4, h, w] | None, metadata dict
-
-Only committed shards are listed (``committed_shards``) and read: ``iter_mis`` / ``iter_shard``
-(whole samples), ``iter_sets`` (training: only the columns a set needs), ``read_mis`` (the same
-rows as a Ray Dataset). A shard that cannot be read as MIS raises ``CorruptShardError`` naming it.
+Reading them back (samples, the training reader, Ray Datasets, guarded decodes) is
+``m2m_ray.formats.mis_read``; only committed shards are listed (``committed_shards``) and read.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import shutil
 import tarfile
 import tempfile
-from collections import defaultdict
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -138,8 +133,70 @@ class MISLayout:
         return out
 
 
+def shard_temp_root() -> str:
+    """The one local folder under which every ``ShardWriter`` of this user on this node builds
+    its shards: ``<tempdir>/m2m_ray-mis-shards-<uid>``."""
+    return os.path.join(tempfile.gettempdir(), f"m2m_ray-mis-shards-{os.getuid()}")
+
+
+_process_temp: tuple[int, str] | None = None  # (locked fd, folder) of this process's temporaries
+
+
+def _process_temp_dir() -> str:
+    """This process's folder under ``shard_temp_root()``, created on first use beside a lock file
+    it holds (``flock``) while it lives, so that a sweep can tell a dead process's folder from a
+    live one without trusting pids."""
+    global _process_temp
+    if _process_temp is None or not os.path.isdir(_process_temp[1]):
+        root = shard_temp_root()
+        os.makedirs(root, exist_ok=True)
+        name = f"pid{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        fd = os.open(os.path.join(root, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # new and unique: never blocks; released when we die
+        folder = os.path.join(root, name)
+        os.makedirs(folder)  # after the lock: a folder without a lock file is a dead one's
+        _process_temp = (fd, folder)
+    return _process_temp[1]
+
+
+def sweep_shard_temps() -> list[str]:
+    """Remove the temporary folders (and lock files) that processes which are gone left under
+    ``shard_temp_root()`` (a killed actor's partial shards, ~2 GB per format at 512 px); a
+    folder whose lock a live process holds is left alone. Returns the removed folders."""
+    root = shard_temp_root()
+    if not os.path.isdir(root):
+        return []
+    removed = []
+    for entry in os.scandir(root):
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        lock = f"{entry.path}.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            fd = None  # its lock was swept, or it predates locks: no live owner
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live process is writing there
+            shutil.rmtree(entry.path, ignore_errors=True)
+            if fd is not None:
+                os.unlink(lock)
+            removed.append(entry.path)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
 class ShardWriter:
     """Writes one shard's sets, in order, to local temporary files; ``commit`` publishes them.
+
+    The temporary files live in this process's folder under ``shard_temp_root()``; starting a
+    writer first sweeps the folders of processes that died (``sweep_shard_temps``), so a killed
+    actor's partial shard is removed by the next writer on its node.
 
     Parquet gets a row group per ``add`` call; the tar is streamed, with fixed member metadata
     (mtime 0, uid 0) so the same sets give the same bytes.
@@ -147,7 +204,8 @@ class ShardWriter:
 
     def __init__(self, layout: MISLayout, sid: int, formats: list[str]):
         self.layout, self.sid, self.formats = layout, sid, list(formats)
-        self._tmp = tempfile.mkdtemp(prefix=f"{shard_name(sid)}-")
+        sweep_shard_temps()
+        self._tmp = tempfile.mkdtemp(prefix=f"{shard_name(sid)}-", dir=_process_temp_dir())
         self._parquet = (pq.ParquetWriter(os.path.join(self._tmp, "shard.parquet"), PARQUET_SCHEMA)
                          if "parquet" in formats else None)
         self._tar = (tarfile.open(os.path.join(self._tmp, "shard.tar"), "w", format=tarfile.USTAR_FORMAT)
@@ -155,6 +213,7 @@ class ShardWriter:
         self.num_sets = 0
         self.num_images = 0
         self.num_bytes = 0
+        self.split_sets: dict[str, int] = {}  # sets per split: the training run length's unit
 
     def add(self, records: list[SetRecord]) -> None:
         if not records:
@@ -173,6 +232,8 @@ class ShardWriter:
                 if r.latents is not None:
                     self._tar_add(f"{r.key}.latents.npy", r.latents)
         self.num_sets += len(records)
+        for r in records:
+            self.split_sets[r.split] = self.split_sets.get(r.split, 0) + 1
         self.num_images += sum(len(r.images) for r in records)
         self.num_bytes += sum(sum(map(len, r.images)) for r in records)
 
@@ -195,6 +256,7 @@ class ShardWriter:
                 storage.put_file(os.path.join(self._tmp, "shard.tar"),
                                  self.layout.webdataset(self.sid), self.layout.storage)
             stats = {"shard_id": self.sid, "shard": shard_name(self.sid), "sets": self.num_sets,
+                     "split_sets": dict(sorted(self.split_sets.items())),
                      "images": self.num_images, "image_bytes": self.num_bytes,
                      "formats": self.formats, **stats}
             storage.write_bytes(self.layout.stats(self.sid),
@@ -249,163 +311,3 @@ def committed_shards(root: str, fmt: Format, storage_cfg: StorageConfig | None =
 def shard_uris(root: str, fmt: Format, storage_cfg: StorageConfig | None = None) -> list[str]:
     """URIs of the committed shards of ``fmt`` under a MIS root, in shard order."""
     return [uri for uri, _ in committed_shards(root, fmt, storage_cfg)]
-
-
-def _parquet_row_to_sample(row: dict[str, Any], image_ext: str | None = None) -> dict[str, Any]:
-    metadata = json.loads(row["metadata"])
-    return {
-        "caption_id": int(row["caption_id"]), "shard_id": int(row["shard_id"]),
-        "split": row["split"], "caption": row["caption"], "url": row["url"],
-        "seeds": [int(s) for s in row["seeds"]], "images": list(row["images"]),
-        "image_ext": image_ext or IMAGE_EXTENSIONS[metadata["image_format"]],
-        "latents": None if row["latents"] is None else npy_to_latents(row["latents"]),
-        "metadata": metadata,
-    }
-
-
-def _parquet_rows(uri: str, storage_cfg: StorageConfig | None,
-                  columns_for: Callable[[pq.ParquetFile, int], list[str] | None]
-                  ) -> Iterator[dict[str, Any]]:
-    """The rows of a Parquet shard as dicts, row group by row group and a few sets at a time (a
-    512 px shard of 1,000 sets is ~2 GB); ``columns_for(shard, group)`` picks the columns of each
-    row group (None: all). Any read error is a ``CorruptShardError`` naming the shard."""
-    fs, path = storage.pyarrow_filesystem(uri, storage_cfg)
-    try:
-        with fs.open_input_file(path) as f:
-            shard = pq.ParquetFile(f)
-            for group in range(shard.num_row_groups):
-                for batch in shard.iter_batches(batch_size=8, row_groups=[group],
-                                                columns=columns_for(shard, group)):
-                    yield from batch.to_pylist()
-    except (OSError, ValueError, pa.ArrowException) as err:
-        raise CorruptShardError(f"cannot read Parquet shard {uri}: {type(err).__name__}: {err}") from err
-
-
-def iter_parquet_shard(uri: str, storage_cfg: StorageConfig | None = None) -> Iterator[dict]:
-    for row in _parquet_rows(uri, storage_cfg, lambda shard, group: None):
-        yield _parquet_row_to_sample(row)
-
-
-def iter_webdataset_shard(uri: str, storage_cfg: StorageConfig | None = None) -> Iterator[dict]:
-    """Groups tar members ``<key>.<member>`` by key, in file order, into samples."""
-    fs, path = storage.fsspec_filesystem(uri, storage_cfg)
-    try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            key, members = None, {}
-            for info in tar:
-                if not info.isfile():
-                    continue
-                member_key, _, member = info.name.partition(".")
-                if key is not None and member_key != key:
-                    yield _wds_group_to_sample(uri, key, members)
-                    members = {}
-                key = member_key
-                members[member] = tar.extractfile(info).read()
-            if key is not None:
-                yield _wds_group_to_sample(uri, key, members)
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise CorruptShardError(f"cannot read WebDataset shard {uri}: {type(err).__name__}: {err}") from err
-
-
-def _wds_group_to_sample(uri: str, key: str, members: dict[str, bytes]) -> dict[str, Any]:
-    if "json" not in members:
-        raise CorruptShardError(f"WebDataset shard {uri}: set {key} has no json member")
-    header = json.loads(members["json"])
-    ext = header["image_ext"]
-    images = [members.get(f"{i:02d}.{ext}") for i in range(len(header["seeds"]))]
-    if any(image is None for image in images):
-        missing = [i for i, image in enumerate(images) if image is None]
-        raise CorruptShardError(f"WebDataset shard {uri}: set {key} lacks images {missing}")
-    latents = members.get("latents.npy")
-    return _header_sample(header, images, None if latents is None else npy_to_latents(latents))
-
-
-def _header_sample(header: dict[str, Any], images: list, latents: Any) -> dict[str, Any]:
-    """A sample from a WebDataset set's JSON header (``SetRecord.json_header``) and members."""
-    return {
-        "caption_id": int(header["caption_id"]), "shard_id": int(header["shard_id"]),
-        "split": header["split"], "caption": header["caption"], "url": header["url"],
-        "seeds": [int(s) for s in header["seeds"]], "images": images,
-        "image_ext": header["image_ext"], "latents": latents, "metadata": header["metadata"],
-    }
-
-
-def iter_sets(uri: str, storage_cfg: StorageConfig | None, want_images: bool
-              ) -> Iterator[dict[str, Any]]:
-    """The training reader: one dict ``{caption_id, split, latents, images?}`` per set, reading
-    only those columns (Parquet: the images column only with ``want_images`` or for row groups
-    with sets that lack latents)."""
-    if uri.endswith(".parquet"):
-        yield from _iter_parquet_sets(uri, storage_cfg, want_images)
-    else:
-        for sample in iter_webdataset_shard(uri, storage_cfg):
-            yield {"caption_id": sample["caption_id"], "split": sample["split"],
-                   "latents": sample["latents"], "images": sample["images"]}
-
-
-def _iter_parquet_sets(uri: str, storage_cfg, want_images: bool) -> Iterator[dict[str, Any]]:
-    """Which row groups lack latents (and so need their images) comes from column statistics."""
-    def columns_for(shard: pq.ParquetFile, group: int) -> list[str]:
-        latents_col = shard.schema_arrow.names.index("latents")
-        stats = shard.metadata.row_group(group).column(latents_col).statistics
-        missing_latents = stats is None or not stats.has_null_count or stats.null_count > 0
-        return ["caption_id", "split", "latents", *(["images"] if want_images or missing_latents
-                                                    else [])]
-
-    for row in _parquet_rows(uri, storage_cfg, columns_for):
-        row["latents"] = None if row["latents"] is None else npy_to_latents(row["latents"])
-        yield row
-
-
-def iter_shard(uri: str, storage_cfg: StorageConfig | None = None) -> Iterator[dict]:
-    if uri.endswith(".parquet"):
-        return iter_parquet_shard(uri, storage_cfg)
-    if uri.endswith(".tar"):
-        return iter_webdataset_shard(uri, storage_cfg)
-    raise ValueError(f"not a MIS shard: {uri} (expected .parquet or .tar)")
-
-
-def iter_mis(root: str, fmt: Format = "parquet", storage_cfg: StorageConfig | None = None,
-             split: str | None = None) -> Iterator[dict]:
-    """Every sample of the committed shards of ``fmt``, optionally of one split."""
-    for uri in shard_uris(root, fmt, storage_cfg):
-        for sample in iter_shard(uri, storage_cfg):
-            if split is None or sample["split"] == split:
-                yield sample
-
-
-def _wds_rows_to_samples(batch: dict[str, Any]) -> dict[str, list]:
-    """Ray Data's ``read_webdataset`` rows (one column per member) → MIS sample columns."""
-    out: dict[str, list] = defaultdict(list)
-    for i, raw_header in enumerate(batch["json"]):
-        header = json.loads(raw_header) if isinstance(raw_header, (bytes, str)) else raw_header
-        images = [batch[f"{j:02d}.{header['image_ext']}"][i] for j in range(len(header["seeds"]))]
-        latents = batch.get("latents.npy")
-        sample = _header_sample(header, images, None if latents is None else latents[i])
-        sample.pop("image_ext")  # the Parquet columns have none; metadata stays a JSON string
-        sample["metadata"] = json.dumps(header["metadata"], sort_keys=True)
-        for key, value in sample.items():
-            out[key].append(value)
-    return dict(out)
-
-
-def read_mis(root: str, fmt: Format = "parquet", storage_cfg: StorageConfig | None = None,
-             split: str | None = None):
-    """The committed shards as a Ray Dataset with the sample columns (``latents`` as .npy bytes,
-    ``metadata`` as a JSON string), read by Ray Data's own Parquet / WebDataset readers."""
-    import ray
-
-    uris = shard_uris(root, fmt, storage_cfg)
-    if not uris:
-        raise FileNotFoundError(f"no committed {fmt} shards under {root}/mis; build MIS first "
-                                "(pipelines/build_mis.py) or check the format and the path")
-    fs, _ = storage.pyarrow_filesystem(uris[0], storage_cfg)
-    paths = [storage.split_uri(u)[1] for u in uris]
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(paths, filesystem=fs)
-    else:
-        ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None).map_batches(
-            _wds_rows_to_samples, batch_format="default")
-    if split is not None:
-        ds = ds.filter(expr=f"split == {split!r}")
-    return ds

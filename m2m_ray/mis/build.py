@@ -10,7 +10,11 @@ and commits them (``m2m_ray.formats.mis.ShardWriter``). The driver only lists pe
   in a fresh temporary folder; nothing partial was published);
 - a round that fails as a whole (e.g. a shard that keeps failing) is followed by another round over
   what is still pending, up to ``generate.max_shard_attempts`` rounds;
-- a killed driver is rerun with the same config and picks up the pending shards.
+- a killed driver is rerun with the same config and picks up the pending shards; a rerun whose
+  caption or image settings differ from those of the committed shards is refused
+  (``m2m_ray.mis.resume``), and a run that ends with shards that disagree with stage 1 fails;
+- a set whose output is non-finite (NaN/Inf, after a float32 retry on GPU) is not stored: its
+  caption id and reason go to the shard's stats (``rejected_sets``), the manifest and the summary.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from m2m_ray.formats.mis import MISLayout, ShardWriter, write_manifest
 from m2m_ray.mis.captions import load_shard_captions, read_captions_stats
 from m2m_ray.mis.config import BuildMISConfig
 from m2m_ray.mis.generate import SDSetGenerator, encoded_sets
+from m2m_ray.mis.resume import check_generate_resume, shard_problems
+from m2m_ray.progress import JobProgress
 from m2m_ray.runtime import actor_pool_args
 from m2m_ray.storage import save_config
 
@@ -48,6 +54,8 @@ class ShardWorker:
         self.cfg = BuildMISConfig.model_validate(cfg)
         self.layout = MISLayout(self.cfg.output_uri, self.cfg.storage)
         self.generator = SDSetGenerator(self.cfg.model, self.cfg.generate)
+        self.captions_digest = read_captions_stats(self.cfg.output_uri,
+                                                   self.cfg.storage).get("captions_digest")
         # One thread assembles a batch's records while the GPU denoises the next batch; it fans the
         # image encoding out to a pool (PIL releases the GIL while encoding).
         self.batch_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="assemble")
@@ -60,14 +68,16 @@ class ShardWorker:
 
     def generate_shard(self, sid: int) -> dict[str, Any]:
         if self.layout.is_committed(sid):  # committed by an earlier round or a racing retry
-            return {"shard_id": sid, "status": "skipped", "sets": 0, "images": 0, "seconds": 0.0}
+            return {"shard_id": sid, "status": "skipped", "sets": 0, "images": 0, "seconds": 0.0,
+                    "rejected": 0}
         start = time.perf_counter()
         rows = load_shard_captions(self.cfg.output_uri, sid, self.cfg.storage).to_pylist()
         writer = ShardWriter(self.layout, sid, self.cfg.generate.formats)
         timings: dict[str, float] = {}
+        rejected: list[dict[str, Any]] = []  # sets with non-finite output: counted, not stored
         try:
             for records in encoded_sets(self.generator, rows, self.image_pool, self.batch_pool,
-                                        timings, lambda _: self._maybe_crash(sid)):
+                                        timings, lambda _: self._maybe_crash(sid), rejected):
                 writer.add(records)
             seconds = time.perf_counter() - start
             writer.commit({
@@ -77,12 +87,13 @@ class ShardWorker:
                 "metadata": self.generator.metadata, "config": config_to_dict(self.cfg.generate),
                 "host": os.uname().nodename, "device": str(self.generator.device),
                 "ray_node_id": ray.get_runtime_context().get_node_id(),
+                "captions_digest": self.captions_digest, "rejected_sets": rejected,
             })
         except BaseException:
             writer.abort()
             raise
         return {"shard_id": sid, "status": "committed", "sets": writer.num_sets,
-                "images": writer.num_images, "seconds": seconds}
+                "images": writer.num_images, "seconds": seconds, "rejected": len(rejected)}
 
     def _maybe_crash(self, sid: int) -> None:
         """Fault injection for tests: die mid-shard (after a batch was generated, before the
@@ -116,19 +127,30 @@ def _check_settings(layout: MISLayout, cfg: BuildMISConfig) -> None:
 
 
 def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
-    """Generate every pending shard; returns the manifest plus run totals."""
+    """Generate every pending shard; returns the manifest plus this run's totals (``this_run``)
+    and the final progress figures (``progress``, equal to the last ``mis/progress.json``).
+
+    Raises ``m2m_ray.mis.resume.ResumeMismatchError`` (before generating anything) when the
+    config's caption or image settings differ from those of the dataset there, and
+    ``RuntimeError`` naming the shards still pending after ``max_shard_attempts`` rounds or the
+    committed shards that disagree with stage 1 (``progress.json`` then ends with
+    ``"state": "failed"``). Sets rejected as non-finite are counted in ``rejected_sets`` (the
+    manifest's and ``this_run``'s) and listed in their shard's stats."""
 
     layout = MISLayout(cfg.output_uri, cfg.storage)
     caption_stats = read_captions_stats(cfg.output_uri, cfg.storage)
     expected = sorted(int(sid) for sid in caption_stats["shards"])
     _check_settings(layout, cfg)
+    check_generate_resume(cfg, caption_stats, layout.committed_stats())
+    _sweep_partial_files(layout)
     save_config(cfg, layout.config, cfg.storage)
     gen = cfg.generate
     if gen.actors.num_gpus > 0 and not ray.cluster_resources().get("GPU"):
         log.warning("generate.actors.num_gpus=%s but the cluster has no GPU yet: the actors wait for "
                     "an autoscaler to add GPU nodes", gen.actors.num_gpus)
     start = time.perf_counter()
-    generated = {"sets": 0, "images": 0, "shards": 0}
+    rejected_now = 0
+    progress = _start_progress(cfg, layout, caption_stats["shards"], expected)
     for attempt in range(1, gen.max_shard_attempts + 1):
         pending = [sid for sid in expected if not layout.is_committed(sid)]
         if not pending:
@@ -146,21 +168,72 @@ def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
         try:
             for row in results.iter_rows():
                 if row["status"] == "committed":
-                    generated["shards"] += 1
-                    generated["sets"] += int(row["sets"])
-                    generated["images"] += int(row["images"])
+                    progress.update(shards=1, sets=int(row["sets"]), images=int(row["images"]))
+                    rejected_now += int(row["rejected"])
         except Exception as err:  # a round can fail as a whole; the next one retries what is left
             log.error("round %d failed (%s: %s); pending shards are retried", attempt,
                       type(err).__name__, err)
+            progress.failure(f"round {attempt}: {type(err).__name__}: {err}"[:500])
     seconds = time.perf_counter() - start
+    committed = layout.committed_stats()
     manifest = write_manifest(layout, expected, {
         "rejected_captions": sum(caption_stats["rejected"].values()),
         "kept_captions": caption_stats["kept"],
+        "rejected_sets": sum(len(s.get("rejected_sets", [])) for s in committed.values()),
     })
+    problems = shard_problems(caption_stats, committed)
+    final = progress.finish("failed" if manifest["pending_shards"] or problems else "done")
     if manifest["pending_shards"]:
         raise RuntimeError(
             f"{len(manifest['pending_shards'])} shards still pending after "
             f"{gen.max_shard_attempts} rounds: {manifest['pending_shards'][:10]}; see the actor "
             "logs (Ray dashboard) and rerun the same command to retry them")
-    return {**manifest, "this_run": {**generated, "seconds": round(seconds, 3),
-                                     "images_per_second": round(generated["images"] / max(seconds, 1e-9), 3)}}
+    if problems:
+        raise RuntimeError(
+            f"MIS under {cfg.output_uri} disagrees with its captions in {len(problems)} ways: "
+            f"{'; '.join(problems[:10])}. Check it with python -m m2m_ray.mis.verify "
+            f"{cfg.output_uri}; remove the shards named (their mis/stats/<shard>.json first) and "
+            "rerun to regenerate them")
+    return {**manifest, "progress": final,
+            "this_run": {**progress.this_run, "rejected_sets": rejected_now,
+                         "seconds": round(seconds, 3),
+                         "images_per_second": round(progress.this_run["images"]
+                                                    / max(seconds, 1e-9), 3)}}
+
+
+def _sweep_partial_files(layout: MISLayout) -> None:
+    """Remove what a killed local write left under ``mis/``: ``storage.put_file``'s
+    ``<name>.partial`` copies and ``storage.write_bytes``' ``<name>.tmp-<hex>`` siblings (S3
+    writes are single PUTs and leave none). Run by the driver before any actor starts."""
+    if storage.is_remote(layout.root):
+        return
+    folders = [layout.mis] + [storage.join(layout.mis, f) for f in ("parquet", "webdataset",
+                                                                     "stats")]
+    for folder in folders:
+        for uri in storage.list_files(folder, layout.storage):
+            name = uri.rsplit("/", 1)[-1]
+            if name.endswith(".partial") or ".tmp-" in name:
+                log.info("removing %s, left by a killed write", uri)
+                storage.remove(uri, layout.storage)
+
+
+def progress_uri(layout: MISLayout) -> str:
+    """``mis/progress.json``, beside the manifest."""
+    return storage.join(layout.mis, "progress.json")
+
+
+def _start_progress(cfg: BuildMISConfig, layout: MISLayout, kept: dict[str, int],
+                    expected: list[int]) -> JobProgress:
+    """Progress of stage 2 in ``mis/progress.json``: shards, sets (captions) and images of the
+    whole dataset, counting shards committed by earlier runs as done (``kept``: stage 1's kept
+    captions per shard id)."""
+    per_set = cfg.generate.images_per_caption
+    committed = [sid for sid in expected if layout.is_committed(sid)]
+    sets_before = sum(kept[str(sid)] for sid in committed)
+    total_sets = sum(kept[str(sid)] for sid in expected)
+    return JobProgress(
+        "build_mis", progress_uri(layout), unit="images",
+        total={"shards": len(expected), "sets": total_sets, "images": total_sets * per_set},
+        done_before={"shards": len(committed), "sets": sets_before,
+                     "images": sets_before * per_set},
+        interval_s=cfg.generate.progress_interval_s, storage_cfg=cfg.storage)

@@ -23,12 +23,17 @@ Output under ``output_uri``::
     captions_stats.json                           written last: the stage's commit mark
 
 A run first removes the previous run's stage-1 outputs (commit mark first), so a rerun into the same
-output gives exactly the same files.
+output gives exactly the same files — unless MIS shards (stage 2) are committed there: then stage 1
+is kept as it is when its inputs and settings are unchanged, and the run is refused naming what
+changed otherwise (``m2m_ray.mis.resume``). ``captions_stats.json`` records that definition
+(``definition``) and a digest of it and its result (``captions_digest``), which every MIS shard made
+from it carries.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import time
 from collections import Counter
@@ -42,6 +47,7 @@ import pyarrow.parquet as pq
 import m2m_ray
 from m2m_ray import storage
 from m2m_ray.config import config_to_dict
+from m2m_ray.formats.mis import MISLayout
 from m2m_ray.mis.captions_filter import (
     REASONS,
     FilterCaptions,
@@ -57,12 +63,19 @@ from m2m_ray.mis.captions_read import (
     plan_shard_units,
     ranges_needing_count,
 )
+from m2m_ray.mis.resume import (
+    captions_definition,
+    captions_digest,
+    check_captions_rerun,
+)
 from m2m_ray.runtime import actor_pool_args
 from m2m_ray.storage import save_config
 
 if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig
     from m2m_ray.mis.config import BuildMISConfig
+
+log = logging.getLogger(__name__)
 
 STATS_NAME = "captions_stats.json"
 CONFIG_NAME = "captions_config.json"
@@ -158,9 +171,23 @@ def _aggregate(shard_rows: list[dict[str, Any]], files: list[str]) -> dict[str, 
 
 def run_captions_stage(cfg: "BuildMISConfig") -> dict[str, Any]:
     """Run stage 1 on the current Ray (``m2m_ray.runtime.init_ray`` starts or joins one) and
-    return the stats that it writes to ``captions_stats.json``."""
+    return the stats that it writes to ``captions_stats.json``.
+
+    Over committed MIS shards stage 1 is not rebuilt: with the same inputs and settings the
+    existing stats are returned (``"kept_as_is": True``); with others it raises
+    ``m2m_ray.mis.resume.ResumeMismatchError`` naming what changed."""
     started = time.perf_counter()
     files = storage.expand_inputs(cfg.captions.inputs, cfg.storage)
+    definition = captions_definition(cfg, files)
+    stats_uri = storage.join(cfg.output_uri, STATS_NAME)
+    previous = (json.loads(storage.read_bytes(stats_uri, cfg.storage))
+                if storage.exists(stats_uri, cfg.storage) else None)
+    committed = len(storage.list_files(storage.join(MISLayout(cfg.output_uri).mis, "stats"),
+                                       cfg.storage, ".json"))
+    if check_captions_rerun(cfg, previous, definition, committed):
+        log.info("stage 1 kept as it is: %d MIS shards were generated from it and its inputs and "
+                 "settings are unchanged", committed)
+        return {**previous, "kept_as_is": True}
     _clear_previous_run(cfg.output_uri, cfg.storage)
     # Load the tokenizer on the driver while the line-count pass runs on the cluster.
     with ThreadPoolExecutor(1, thread_name_prefix="load-tokenizer") as pool:
@@ -222,6 +249,8 @@ def run_captions_stage(cfg: "BuildMISConfig") -> dict[str, Any]:
     }
     stats["code_version"] = _code_version()
     stats["config"] = config_to_dict(cfg)
+    stats["definition"] = definition
+    stats["captions_digest"] = captions_digest(definition, stats["shards"])
     save_config(cfg, storage.join(cfg.output_uri, CONFIG_NAME), cfg.storage)
     storage.write_bytes(storage.join(cfg.output_uri, STATS_NAME),
                         json.dumps(stats, indent=2).encode(), cfg.storage)

@@ -57,6 +57,10 @@ class FaultInjectionConfig(StrictModel):
         None, description="Kill the generating actor's process mid-way through this shard_id, "
         "once (a marker file under the output records that it happened).",
     )
+    nan_unet_output_on_caption: int | None = Field(
+        None, description="Make the UNet's output NaN for this caption_id's set, in every "
+        "precision (the set is then rejected as non-finite and counted).",
+    )
 
 
 class GenerateConfig(StrictModel):
@@ -83,13 +87,18 @@ class GenerateConfig(StrictModel):
     image_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
     keep_latents: bool = Field(True, description="Store the fp16 SD latents beside the images.")
     vae_batch_size: int = Field(8, ge=1, description="Latents decoded per VAE call (bounds "
-                                "decoder memory at 512 px).")
+                                "decoder memory at 512 px); each set is cut into its own chunks "
+                                "and the value is stored with it (it changes the last bits).")
     channels_last: bool = Field(False, description="UNet in channels-last memory format on GPU; "
                                 "measured 0.88x of contiguous on an H200 (BENCHMARKS.md).")
     encode_threads: int = Field(4, ge=1, description="Threads per actor encoding and writing "
                                 "images while the GPU denoises the next batch.")
     max_shard_attempts: int = Field(3, ge=1, description="Rounds over pending shards before "
                                     "the job gives up.")
+    progress_interval_s: float = Field(
+        30.0, ge=0, description="Seconds between progress lines and rewrites of "
+        "mis/progress.json (shards, sets, images done of the total, rate, ETA, failures); 0: at "
+        "every committed shard.")
     fault_injection: FaultInjectionConfig = Field(default_factory=FaultInjectionConfig)
 
     renamed_keys: ClassVar[dict[str, str]] = POOL_KEYS_IN_ACTORS

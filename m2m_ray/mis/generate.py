@@ -8,18 +8,29 @@ Each caption is text-encoded once; all images of all captions in the batch (×2 
 guidance) are denoised as one UNet batch. The initial noise of image ``i`` of caption ``c`` is
 ``randn((4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(image_seed(c, i, base_seed)))``,
 drawn on the CPU so that it is the same on every device: any image can be regenerated from its stored
-caption, seed and settings (``regenerate_set``).
+caption, seed and settings (``regenerate_set``). Everything else that changes an image's floats is
+either kept from doing so or stored with the set: the VAE decodes each set in its own chunks of
+``vae_batch_size`` (stored, with the thread count, precision, memory format and library versions).
+
+Non-finite output (fp16 overflow: NaN/Inf latents decode to black images) is caught per set where it
+is made: a set with a NaN or Inf in its latents or decoded pixels is made again alone in float32
+(a second, float32 pipeline loaded on first need; the set is stored with ``dtype: float32``, exactly
+what ``regenerate_set`` reruns) and, if still non-finite or already float32, rejected: not stored,
+reported with its reason (``GeneratedSets.rejected``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import io
+import json
 import logging
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
+import diffusers
 import numpy as np
 import torch
 from PIL import Image
@@ -54,11 +65,50 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+class GeneratedSets(NamedTuple):
+    """C sets of N images from ``SDSetGenerator.generate``, in caption order."""
+
+    seeds: np.ndarray            # int64 [C, N]
+    pixels: np.ndarray           # uint8 [C, N, H, W, 3]; zeros for a rejected set
+    latents: np.ndarray          # float16 [C, N, 4, h, w]; zeros for a rejected set
+    metadata: list[dict]         # per set: what regenerates it (``dtype`` float32 if retried)
+    rejected: list[str | None]   # per set: why it is not to be stored (non-finite), else None
+
+
+def _non_finite(latents: torch.Tensor, pixels: torch.Tensor) -> list[str | None]:
+    """Per set of ``latents [C, N, 4, h, w]`` / float ``pixels [C, N, 3, H, W]``: which of them
+    hold a NaN or Inf (``"latents"``, ``"pixels"``, ``"latents and pixels"``), None if neither."""
+    bad_latents = (~torch.isfinite(latents)).flatten(1).any(1).tolist()
+    bad_pixels = (~torch.isfinite(pixels)).flatten(1).any(1).tolist()
+    return [" and ".join(name for name, bad in (("latents", a), ("pixels", b)) if bad) or None
+            for a, b in zip(bad_latents, bad_pixels)]
+
+
+@contextlib.contextmanager
+def _nan_unet_rows(unet: torch.nn.Module, sets: int, images: int, index: int):
+    """Fault injection (tests): while open, the UNet's output is NaN on the rows of set ``index``
+    of a batch of ``sets`` sets of ``images`` images, in every guidance half."""
+    forward = unet.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        sample = out[0] if isinstance(out, tuple) else out.sample  # (halves*C*N, 4, h, w)
+        sample.unflatten(0, (-1, sets, images))[:, index] = float("nan")  # a view: in place
+        return out
+
+    unet.forward = poisoned
+    try:
+        yield
+    finally:
+        del unet.forward
+
+
 class SDSetGenerator:
     """Generates image sets for batches of captions (Ray Data callable class).
 
     Input batch columns: ``caption_id`` (int64), ``caption`` (str). Output adds ``seeds``
-    (int64 [N]), ``pixels`` (uint8 [N, H, W, 3]) and ``latents`` (float16 [N, 4, h, w]).
+    (int64 [N]), ``pixels`` (uint8 [N, H, W, 3]), ``latents`` (float16 [N, 4, h, w]),
+    ``metadata`` (JSON) and ``rejected`` (str: why a set must not be stored, "" if it may).
     """
 
     def __init__(self, model: ModelConfig | dict, generate: GenerateConfig | dict):
@@ -77,6 +127,7 @@ class SDSetGenerator:
                              f"multiples of {factor}, the {self.model.preset} VAE's factor")
         self.latent_shape = (self.pipe.unet.config.in_channels, self.cfg.height // factor,
                              self.cfg.width // factor)
+        self._float32: SDSetGenerator | None = None  # the retry of non-finite sets, on first need
         log.info("SDSetGenerator ready: preset=%s device=%s dtype=%s", self.model.preset,
                  self.device, self.dtype)
 
@@ -99,6 +150,14 @@ class SDSetGenerator:
             "device": self.device.type,
             # CPU float sums depend on the thread count; regeneration reuses it to be bit-exact.
             "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+            # Images per VAE call (within the set) and the UNet's memory format pick the kernels.
+            "vae_batch_size": self.cfg.vae_batch_size,
+            "channels_last": self.device.type == "cuda" and self.cfg.channels_last,
+            # Exactness also needs the same libraries (and on a GPU the same model of GPU).
+            "torch_version": torch.__version__,
+            "diffusers_version": diffusers.__version__,
+            "gpu": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                    else None),
             "base_seed": self.cfg.base_seed,
             "images_per_caption": self.cfg.images_per_caption,
             "image_format": self.cfg.image_format,
@@ -112,81 +171,129 @@ class SDSetGenerator:
                 for i in range(self.cfg.images_per_caption)]
 
     @torch.inference_mode()
-    def generate(self, captions: list[str], caption_ids: list[int]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(seeds [C, N], pixels uint8 [C, N, H, W, 3], latents fp16 [C, N, 4, h, w])``."""
-        n = self.cfg.images_per_caption
+    def generate(self, captions: list[str], caption_ids: list[int]) -> GeneratedSets:
+        """One set of ``images_per_caption`` images per caption, all denoised as one UNet batch
+        and decoded set by set. A set with a NaN or Inf in its latents or pixels is made again
+        alone in float32, or rejected (``GeneratedSets.rejected``) if that fails too or the
+        generator already runs float32."""
+        n, count = self.cfg.images_per_caption, len(captions)
         seeds = [self.seeds_for(cid) for cid in caption_ids]
         noise = initial_noise([s for row in seeds for s in row], self.latent_shape)
         prompt_embeds, negative_embeds = self.pipe.encode_prompt(
             list(captions), self.device, num_images_per_prompt=1,
             do_classifier_free_guidance=self.cfg.guidance_scale > 1.0)
-        latents = self.pipe(
-            prompt_embeds=prompt_embeds.repeat_interleave(n, 0),             # (C*N, 77, D)
-            negative_prompt_embeds=(None if negative_embeds is None
-                                    else negative_embeds.repeat_interleave(n, 0)),
-            latents=noise.to(self.device, self.dtype),
-            num_inference_steps=self.cfg.num_inference_steps,
-            guidance_scale=self.cfg.guidance_scale,
-            height=self.cfg.height, width=self.cfg.width, output_type="latent",
-        ).images                                                               # (C*N, 4, h, w)
-        pixels = self.decode(latents)
-        shape = (len(captions), n)
-        return (np.asarray(seeds, dtype=np.int64),
-                pixels.reshape(*shape, *pixels.shape[1:]),
-                latents.float().cpu().numpy().astype(np.float16).reshape(*shape, *latents.shape[1:]))
+        poisoned = self.cfg.fault_injection.nan_unet_output_on_caption
+        with (_nan_unet_rows(self.pipe.unet, count, n, list(caption_ids).index(poisoned))
+              if poisoned in caption_ids else contextlib.nullcontext()):
+            latents = self.pipe(
+                prompt_embeds=prompt_embeds.repeat_interleave(n, 0),         # (C*N, 77, D)
+                negative_prompt_embeds=(None if negative_embeds is None
+                                        else negative_embeds.repeat_interleave(n, 0)),
+                latents=noise.to(self.device, self.dtype),
+                num_inference_steps=self.cfg.num_inference_steps,
+                guidance_scale=self.cfg.guidance_scale,
+                height=self.cfg.height, width=self.cfg.width, output_type="latent",
+            ).images.unflatten(0, (count, n))                                  # (C, N, 4, h, w)
+        pixels = self.decode_sets(latents)                                     # (C, N, 3, H, W)
+        found = _non_finite(latents, pixels)
+        out = GeneratedSets(
+            np.asarray(seeds, dtype=np.int64), to_uint8(pixels),
+            latents.float().cpu().numpy().astype(np.float16),
+            [self.metadata] * count, [None] * count)
+        for i, where in enumerate(found):
+            if where is not None:
+                self._redo_in_float32(out, i, captions[i], caption_ids[i], where)
+        return out
+
+    def _redo_in_float32(self, out: GeneratedSets, i: int, caption: str, caption_id: int,
+                         where: str) -> None:
+        """Set ``i`` of ``out`` had non-finite ``where``: make it alone in float32 (what
+        ``regenerate_set`` does with ``dtype: float32``) into ``out``, or mark it rejected."""
+        made_in = str(self.dtype).removeprefix("torch.")
+        reason = f"non-finite {where} (NaN/Inf) in {made_in}"
+        if self.dtype == torch.float32:
+            out.rejected[i] = f"{reason}; no safer precision to retry in"
+            log.error("caption %d: %s: set rejected", caption_id, out.rejected[i])
+            return
+        log.warning("caption %d: %s; generating it again in float32", caption_id, reason)
+        if self._float32 is None:
+            cfg = self.cfg.model_copy(update={"dtype": "float32", "captions_per_batch": 1})
+            self._float32 = SDSetGenerator(self.model, cfg)
+        again = self._float32.generate([caption], [caption_id])
+        if again.rejected[0] is not None:
+            out.rejected[i] = f"{reason}; {again.rejected[0]}"
+            log.error("caption %d: %s: set rejected", caption_id, out.rejected[i])
+            return
+        out.pixels[i], out.latents[i] = again.pixels[0], again.latents[0]
+        out.metadata[i] = {**again.metadata[0], "retried": reason}
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """SD latents ``[B, 4, h, w]`` → ``uint8 [B, H, W, 3]``, in chunks to bound VAE memory."""
-        pixels = self.codec.decode(latents)                                     # (B, 3, H, W) in [0, 1]
-        return (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    def decode_sets(self, latents: torch.Tensor) -> torch.Tensor:
+        """SD latents ``[C, N, 4, h, w]`` → float pixels ``[C, N, 3, H, W]`` in [0, 1] (NaN
+        stays NaN), each set in its own chunks of ``vae_batch_size`` (``ImageCodec``): a set's
+        pixels do not depend on the other sets of its batch."""
+        return self.codec.decode(latents)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seeds, pixels, latents = self.generate([str(c) for c in batch["caption"]],
-                                               [int(i) for i in batch["caption_id"]])
-        return {**batch, "seeds": seeds, "pixels": pixels, "latents": latents}
+        out = self.generate([str(c) for c in batch["caption"]],
+                            [int(i) for i in batch["caption_id"]])
+        return {**batch, "seeds": out.seeds, "pixels": out.pixels, "latents": out.latents,
+                "metadata": np.array([json.dumps(m, sort_keys=True) for m in out.metadata]),
+                "rejected": np.array([r or "" for r in out.rejected])}
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """Float pixels ``[..., 3, H, W]`` in [0, 1] → ``uint8 [..., H, W, 3]``."""
+    return (pixels * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
 
 
 def encoded_sets(generator: SDSetGenerator, rows: list[dict[str, Any]],
                  image_pool: cf.Executor, batch_pool: cf.Executor, timings: dict[str, float],
-                 after_generate: Callable[[int], None] | None = None) -> Iterator[list[SetRecord]]:
+                 after_generate: Callable[[int], None] | None = None,
+                 rejected: list[dict[str, Any]] | None = None) -> Iterator[list[SetRecord]]:
     """Generate and encode the sets of ``rows`` (caption_id, caption, split, url, shard_id), in
     order, ``captions_per_batch`` at a time. Batch i is encoded on ``batch_pool`` (which fans the
     images out to ``image_pool``) while batch i+1 is denoised, so the GPU does not wait for JPEG
     encoding. ``timings["generate_seconds"]`` accumulates the time spent in the generator;
-    ``after_generate(i)`` is called after the i-th batch is denoised (fault injection)."""
+    ``after_generate(i)`` is called after the i-th batch is denoised (fault injection). A set the
+    generator rejects (non-finite output) yields no record: ``{"caption_id", "reason"}`` is
+    appended to ``rejected`` instead (required: no set may vanish unaccounted)."""
     gen = generator.cfg
+    if rejected is None:
+        raise ValueError("encoded_sets needs a `rejected` list: sets with non-finite output are "
+                         "not stored and must be accounted for by the caller")
     timings.setdefault("generate_seconds", 0.0)
     pending: cf.Future | None = None
     for begin in range(0, len(rows), gen.captions_per_batch):
         chunk = rows[begin:begin + gen.captions_per_batch]
         t0 = time.perf_counter()
-        seeds, pixels, latents = generator.generate([r["caption"] for r in chunk],
-                                                    [r["caption_id"] for r in chunk])
+        out = generator.generate([r["caption"] for r in chunk], [r["caption_id"] for r in chunk])
         timings["generate_seconds"] += time.perf_counter() - t0
         if after_generate is not None:
             after_generate(begin // gen.captions_per_batch)
+        rejected += [{"caption_id": int(row["caption_id"]), "reason": reason}
+                     for row, reason in zip(chunk, out.rejected) if reason is not None]
         if pending is not None:
             yield pending.result()
-        pending = batch_pool.submit(_encode_batch, generator, image_pool, chunk, seeds, pixels,
-                                    latents)
+        pending = batch_pool.submit(_encode_batch, generator, image_pool, chunk, out)
     if pending is not None:
         yield pending.result()
 
 
 def _encode_batch(generator: SDSetGenerator, image_pool: cf.Executor, chunk: list[dict],
-                  seeds: np.ndarray, pixels: np.ndarray, latents: np.ndarray) -> list[SetRecord]:
+                  out: GeneratedSets) -> list[SetRecord]:
+    """The records of the sets of ``out`` that were not rejected, in order."""
     gen = generator.cfg
+    keep = [i for i, reason in enumerate(out.rejected) if reason is None]
     flat = list(image_pool.map(lambda p: encode_image(p, gen.image_format, gen.image_quality),
-                               (p for row in pixels for p in row)))       # C*N encoded images
-    n = pixels.shape[1]
+                               (p for i in keep for p in out.pixels[i])))  # kept C*N images
+    n = out.pixels.shape[1]
     return [SetRecord(
-        caption_id=row["caption_id"], shard_id=row["shard_id"], split=row["split"],
-        caption=row["caption"], url=row["url"], seeds=[int(s) for s in seeds[i]],
-        images=flat[i * n:(i + 1) * n], image_ext=IMAGE_EXTENSIONS[gen.image_format],
-        latents=latents_to_npy(latents[i]) if gen.keep_latents else None,
-        metadata=generator.metadata) for i, row in enumerate(chunk)]
+        caption_id=chunk[i]["caption_id"], shard_id=chunk[i]["shard_id"], split=chunk[i]["split"],
+        caption=chunk[i]["caption"], url=chunk[i]["url"], seeds=[int(s) for s in out.seeds[i]],
+        images=flat[k * n:(k + 1) * n], image_ext=IMAGE_EXTENSIONS[gen.image_format],
+        latents=latents_to_npy(out.latents[i]) if gen.keep_latents else None,
+        metadata=out.metadata[i]) for k, i in enumerate(keep)]
 
 
 def regenerate_set(caption: str, caption_id: int, metadata: dict[str, Any],
@@ -194,9 +301,13 @@ def regenerate_set(caption: str, caption_id: int, metadata: dict[str, Any],
     """Regenerate a stored set from its caption, id and the ``metadata`` stored beside it.
 
     A set is regenerated whole: a UNet batch of one image runs other kernels than a batch of 25
-    and differs from it in the last float bits, while batches of whole sets agree exactly. On the
-    CPU the stored thread count is reused too (it changes the order of float sums); on a GPU,
-    exactness needs the same GPU model and library versions.
+    and differs from it in the last float bits, while batches of whole sets agree exactly, and the
+    VAE decodes each set in its own chunks of the stored ``vae_batch_size``. On the CPU the stored
+    thread count is reused too (it changes the order of float sums); on a GPU the stored memory
+    format is, and exactness needs the same GPU model and library versions (both stored). Sets
+    stored before ``vae_batch_size`` was (decoded in chunks across sets) may differ by a grey
+    level. Raises ``RuntimeError`` if the set comes out non-finite (a set stored in float16 that
+    was retried in float32 has ``dtype: float32`` and regenerates in float32).
     """
     model = ModelConfig(preset=metadata["model_preset"], seed=metadata.get("model_seed") or 0,
                         sd_model_id=metadata.get("sd_model_id"))
@@ -207,12 +318,17 @@ def regenerate_set(caption: str, caption_id: int, metadata: dict[str, Any],
         guidance_scale=metadata["guidance_scale"], height=metadata["height"],
         width=metadata["width"], dtype=metadata["dtype"],
         actors={"num_gpus": 1 if use_gpu else 0},
+        vae_batch_size=metadata.get("vae_batch_size", 8),
+        channels_last=bool(metadata.get("channels_last")),
         captions_per_batch=1)
     threads = torch.get_num_threads()
     if metadata.get("cpu_threads") and not use_gpu:
         torch.set_num_threads(metadata["cpu_threads"])
     try:
-        _, pixels, _ = SDSetGenerator(model, cfg).generate([caption], [caption_id])
+        out = SDSetGenerator(model, cfg).generate([caption], [caption_id])
     finally:
         torch.set_num_threads(threads)
-    return [Image.fromarray(p) for p in pixels[0]]
+    if out.rejected[0] is not None:
+        raise RuntimeError(f"caption {caption_id}: regenerated set is not finite: "
+                           f"{out.rejected[0]}")
+    return [Image.fromarray(p) for p in out.pixels[0]]

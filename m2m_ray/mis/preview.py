@@ -14,7 +14,7 @@ from PIL import Image
 
 from m2m_ray import storage
 from m2m_ray.config import StorageConfig
-from m2m_ray.formats.mis import iter_mis
+from m2m_ray.formats.mis_read import iter_mis
 from m2m_ray.viz import contact_sheet, png_bytes
 
 

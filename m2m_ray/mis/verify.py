@@ -3,8 +3,10 @@
     python -m m2m_ray.mis.verify <dataset root> [--endpoint-url http://127.0.0.1:9000]
 
 Checks, for every committed shard and every format it was written in: each set has the configured
-number of decodable images of the configured size; its seeds equal the seed function; its captions
-are exactly stage 1's kept captions of that shard (no gaps, no extras); no caption appears twice in
+number of decodable images of the configured size; its seeds equal the seed function; its stored
+latents are finite; its captions are exactly stage 1's kept captions of that shard less the sets
+its stats list as rejected (non-finite output), with no gaps or extras; it was generated from the
+stage-1 output that is there (``captions_digest``); no caption appears twice in
 the dataset; Parquet and WebDataset agree; the manifest lists exactly the committed shards with their
 counts; every shard stage 1 produced is committed.
 """
@@ -18,13 +20,16 @@ import sys
 from collections import Counter
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from m2m_ray import storage
 from m2m_ray.config import StorageConfig
 from m2m_ray.formats.ids import image_seed, shard_name
-from m2m_ray.formats.mis import CorruptShardError, MISLayout, iter_shard
+from m2m_ray.formats.mis import CorruptShardError, MISLayout
+from m2m_ray.formats.mis_read import iter_shard
 from m2m_ray.mis.captions import load_shard_captions, read_captions_stats
+from m2m_ray.mis.resume import shard_problems as stats_problems
 
 MAX_PROBLEMS_PER_SHARD = 20
 
@@ -53,6 +58,10 @@ def _check_set(sample: dict[str, Any], settings: dict[str, Any], where: str) -> 
     factor = sample["metadata"].get("vae_scale_factor", 8)  # sets made before it was stored: 8
     if latents is not None and latents.shape != (n, 4, size[1] // factor, size[0] // factor):
         problems.append(f"{where}: set {cid} latents have shape {latents.shape}")
+    if latents is not None and not np.isfinite(latents).all():
+        bad = sorted({int(i) for i in np.nonzero(~np.isfinite(latents))[0]})
+        problems.append(f"{where}: set {cid} has non-finite latents (NaN/Inf) in images "
+                        f"{bad[:10]}: its images are not what the model made; regenerate it")
     return problems
 
 
@@ -70,14 +79,15 @@ def verify_mis(root: str, storage_cfg: StorageConfig | None = None) -> tuple[lis
     seen: Counter[int] = Counter()
     for sid in sorted(set(expected) - set(committed)):
         problems.append(f"shard {shard_name(sid)} ({expected[sid]} captions) is not committed")
-    for sid in sorted(set(committed) - set(expected)):
-        problems.append(f"shard {shard_name(sid)} is committed but stage 1 has no such shard")
+    problems += stats_problems(caption_stats, committed)  # unknown shards, stale, counts
     for sid, stats in sorted(committed.items()):
         if sid not in expected:
             continue
         wanted = load_shard_captions(root, sid, storage_cfg)
-        wanted_ids = wanted.column("caption_id").to_pylist()
-        captions = dict(zip(wanted_ids, wanted.column("caption").to_pylist()))
+        captions = dict(zip(wanted.column("caption_id").to_pylist(),
+                            wanted.column("caption").to_pylist()))
+        rejected = {int(r["caption_id"]) for r in stats.get("rejected_sets", [])}
+        wanted_ids = [cid for cid in captions if cid not in rejected]  # sorted, as stage 1 wrote
         ids_by_format = {}
         for fmt in stats["formats"]:
             uri = layout.parquet(sid) if fmt == "parquet" else layout.webdataset(sid)
@@ -121,7 +131,8 @@ def verify_mis(root: str, storage_cfg: StorageConfig | None = None) -> tuple[lis
     else:
         problems.append(f"{layout.manifest} missing")
     summary = {"committed_shards": len(committed), "expected_shards": len(expected),
-               "sets": sum(seen.values()), "images": sum(s["images"] for s in committed.values())}
+               "sets": sum(seen.values()), "images": sum(s["images"] for s in committed.values()),
+               "rejected_sets": sum(len(s.get("rejected_sets", [])) for s in committed.values())}
     return problems, summary
 
 

@@ -5,7 +5,9 @@ training's VAE actors, the synthetic MIS, previews and the pipeline all go throu
 Pixels are float tensors in [0, 1], ``[..., 3, H, W]``; latents are the VAE's scaled latents
 ``[..., 4, H/8, W/8]`` (the posterior mean, so encoding is deterministic). Every method takes and
 returns batch-first tensors with one or more leading dimensions and runs the VAE in chunks of
-``vae_batch_size`` images (the SD decoder at 512 px needs ~1 GB of activations per image in fp16).
+``vae_batch_size`` images (the SD decoder at 512 px needs ~1 GB of activations per image in fp16);
+with ``[B, n, ...]`` inputs the chunks never span two sets (a set's floats do not depend on its
+batch).
 """
 
 from __future__ import annotations
@@ -36,13 +38,19 @@ class ImageCodec:
         return self.variant == "dino"
 
     def _chunked(self, fn, x: torch.Tensor, out_shape: tuple[int, int, int]) -> torch.Tensor:
-        """``fn`` over ``x`` ``[*lead, C, H, W]`` in chunks of the flattened leading dims."""
+        """``fn`` over ``x`` ``[*lead, C, H, W]`` in chunks of at most ``vae_batch_size`` images.
+
+        With two or more leading dimensions (``[B, n, ...]``: sets) no chunk spans two sets: each
+        set is cut from its own first image. A VAE call's floats depend on how many images it
+        holds, so this makes a set's pixels (and latents) independent of the other sets in its
+        batch: the same alone (``regenerate_set``) as in any batch, given ``vae_batch_size``."""
         lead = x.shape[:-3]
-        flat = x.flatten(0, len(lead) - 1)  # (n, C, H, W)
-        if flat.shape[0] == 0:
+        if x.numel() == 0:
             return torch.zeros(*lead, *out_shape, device=x.device)
-        out = torch.cat([fn(part) for part in flat.split(self.vae_batch_size)])
-        return out.unflatten(0, lead)
+        sets = x.reshape(lead[0] if len(lead) > 1 else 1, -1, *x.shape[-3:])  # (B, n, C, H, W)
+        out = torch.stack([torch.cat([fn(part) for part in images.split(self.vae_batch_size)])
+                           for images in sets])  # (B, n, *out_shape)
+        return out.reshape(*lead, *out.shape[2:])
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ from pydantic import Field, field_validator, model_validator
 
 from m2m_ray.config import StrictModel
 
-
 #: Preset names that were renamed → their new name (a config with the old one is refused with it).
 RENAMED_PRESETS = {"sd21-base-shapes": "sd21-base-random"}
 

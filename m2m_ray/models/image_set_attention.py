@@ -182,7 +182,10 @@ class ImageSetAttnProcessor(nn.Module):
         null_out = attn.to_out[0](self.null_value.to(hidden.dtype))  # (C,)
         out = null_out.expand(hidden.shape).clone()  # (B, M, Lq, C)
         hidden_kept = hidden[kept]  # (B', M, Lq, C); a view for a slice
-        if hidden_kept.shape[0]:
+        # With no row kept, training still runs the (empty) attention: it gives to_q/to_k/to_v and
+        # the null key zero gradients instead of none, so DDP, which needs every parameter in
+        # every step's graph, does not fail on a (micro-)batch whose every set drops its context.
+        if hidden_kept.shape[0] or torch.is_grad_enabled():
             part = self._attend(attn, hidden_kept.flatten(0, 1), site.map(lambda t: t[kept]),
                                 _take(call.target_task, kept), _take(call.task_drop, kept), call)
             out[kept] = part.unflatten(0, hidden_kept.shape[:2]).to(out.dtype)

@@ -102,6 +102,44 @@ class PresetUnavailableError(RuntimeError):
     """A pretrained component could not be loaded (typically: no hub access)."""
 
 
+class UnsupportedModelError(ValueError):
+    """A base model this code cannot train or sample correctly (wrong prediction type, latent
+    channels or native size), e.g. SD-2.1 (768 px, v-prediction) given for SD-2.1-base."""
+
+
+def _unsupported(model_id: str, what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"base model {model_id!r}: {what}. M2M is an ε-prediction latent diffusion model on "
+        "SD-2.1-base's 4-channel latents (paper §5, Appendix A): use "
+        f"{SD21_BASE_ID!r} (512 px, ε-prediction), not 'stabilityai/stable-diffusion-2-1' "
+        "(768 px, v-prediction), or a model folder of the same kind")
+
+
+def check_scheduler_config(config: dict[str, Any], model_id: str) -> None:
+    """Raises ``UnsupportedModelError`` unless the scheduler predicts ε (training's target and
+    the samplers' reading of the UNet output, eq. 1–2)."""
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise _unsupported(model_id, f"scheduler/scheduler_config.json has prediction_type "
+                                     f"{prediction!r}, not 'epsilon'")
+
+
+def check_unet_config(config: dict[str, Any], model: "ModelConfig") -> None:
+    """Raises ``UnsupportedModelError`` unless the UNet maps 4 latent channels to 4 and its
+    ``sample_size`` × the VAE's scale factor is the preset's resolution."""
+    preset = get_preset(model)
+    channels = (config.get("in_channels"), config.get("out_channels"))
+    if channels != (4, 4):
+        raise _unsupported(preset.sd_model_id, f"unet/config.json has in/out channels "
+                                               f"{channels}, not (4, 4)")
+    native = config.get("sample_size", 0) * vae_scale_factor(model)
+    if native != preset.resolution:
+        raise _unsupported(preset.sd_model_id, f"unet/config.json's sample_size "
+                                               f"{config.get('sample_size')} makes {native} px "
+                                               f"images, not the {preset.name} preset's "
+                                               f"{preset.resolution} px")
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -190,6 +228,7 @@ def unet_config(model: "ModelConfig") -> dict[str, Any]:
 
         config = _from_hub(UNet2DConditionModel.load_config, preset.sd_model_id, "the UNet config",
                            subfolder="unet")
+        check_unet_config(dict(config), model)
         return {k: v for k, v in dict(config).items() if not k.startswith("_")}
     return copy.deepcopy(preset.unet_config)
 
@@ -214,6 +253,7 @@ def load_unet(model: "ModelConfig", device=None, dtype=None):
     if preset.pretrained:
         unet = _from_hub(UNet2DConditionModel.from_pretrained, preset.sd_model_id, "the UNet",
                          subfolder="unet")
+        check_unet_config(dict(unet.config), model)
     else:
         unet = _seeded(lambda: UNet2DConditionModel(**preset.unet_config), model.seed)
     return _finish(unet, device, dtype)
@@ -265,6 +305,7 @@ def load_scheduler(model: "ModelConfig", kind: str):
     if preset.pretrained:
         config = _from_hub(diffusers.DDIMScheduler.load_config, preset.sd_model_id,
                            "the scheduler config", subfolder="scheduler")
+        check_scheduler_config(dict(config), preset.sd_model_id)
         return cls.from_config(config)
     return cls.from_config(SD21_SCHEDULER_CONFIG)
 

@@ -69,6 +69,10 @@ class GenerateSetsConfig(StrictModel):
     image_format: Literal["png", "jpeg"] = "png"
     contact_sheet_sets: int = Field(8, ge=0, description="Sets shown in contact_sheet.png "
                                     "(inputs | generated); 0: no sheet.")
+    progress_interval_s: float = Field(
+        30.0, ge=0, description="Seconds between progress lines and rewrites of "
+        "<output_uri>/progress.json (sets and images done of the total, rate, ETA, skipped "
+        "sets); 0: at every finished batch.")
 
     renamed_keys: ClassVar[dict[str, str]] = POOL_KEYS_IN_ACTORS
 

@@ -30,6 +30,8 @@ from m2m_ray.config import config_to_dict
 from m2m_ray.data.image_inputs import fit_square, open_image
 from m2m_ray.data.sets import local_set_rows, ray_set_dataset
 from m2m_ray.formats import generations as gen
+from m2m_ray.formats.mis import committed_shards
+from m2m_ray.progress import JobProgress
 from m2m_ray.runtime import actor_pool_args, pick_device, torch_dtype
 from m2m_ray.sampling.config import GenerateJobConfig
 from m2m_ray.storage import save_config
@@ -98,11 +100,18 @@ class M2MSetGenerator:
                 errors[i] = f"{type(err).__name__}: {err}"
         seeds = [set_seed(str(batch["set_id"][i]), sample.seed) for i in good]
         generated = self.pipe.generate(
-            contexts, sample, [torch.Generator().manual_seed(s) for s in seeds]) if good else []
+            contexts, sample, [torch.Generator().manual_seed(s) for s in seeds],
+            on_non_finite="skip") if good else []
         records = [""] * count
         for i, context, images, seed in zip(good, contexts, generated, seeds):
+            if images is None:  # never saved as black images: skipped with its reason, counted
+                errors[i] = (f"non-finite latents or pixels (NaN/Inf) in "
+                             f"{str(self.pipe.unet.dtype).removeprefix('torch.')}; rerun the set "
+                             "with --sample.dtype=float32")
+                continue
             caption = batch["caption"][i]
-            settings = sample.model_dump(mode="json", exclude={"seed", "dtype", "vae_batch_size"})
+            # vae_batch_size stays: it changes the last bits of the images (chunks within a set)
+            settings = sample.model_dump(mode="json", exclude={"seed", "dtype"})
             meta = {**json.loads(batch["meta"][i]), **settings, "base_seed": sample.seed,
                     "seed": seed, "model": self.pipe.name, "model_path": self.model_label,
                     "split": batch["split"][i], "resolution": self.pipe.resolution,
@@ -142,36 +151,69 @@ def write_contact_sheet(output_uri: str, records: list[gen.GenerationSet], stora
     return uri
 
 
+def _count_input_sets(cfg: GenerateJobConfig, sets) -> int | None:
+    """Sets the Ray engine will generate, without reading images: Ray's count of an in-memory
+    dataset, or the MIS shard stats (``sets``, ``split_sets``) for a MIS read by Ray Data. None
+    (unknown: progress without ETA) for a split of shards whose stats predate ``split_sets``."""
+    inputs = cfg.inputs
+    if not inputs.mis_uri or inputs.mis_shard:
+        return sets.count()  # from_items: metadata only
+    stats = [s for _, s in committed_shards(inputs.mis_uri, inputs.mis_format, cfg.storage)]
+    if inputs.mis_split is None:
+        count = sum(int(s["sets"]) for s in stats)
+    elif all("split_sets" in s for s in stats):
+        count = sum(int(s["split_sets"].get(inputs.mis_split, 0)) for s in stats)
+    else:
+        return None
+    return min(count, inputs.max_sets) if inputs.max_sets else count
+
+
 def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:
     """Generate every input set into ``cfg.output_uri``; returns a summary (also written as
-    ``summary.json``). Ray engine: on the current Ray cluster (``init_ray`` first)."""
+    ``summary.json``) whose ``progress`` equals the last ``progress.json`` (sets and images done
+    of the total, rate, ETA, failures = skipped sets; ``m2m_ray.progress``), which the job
+    rewrites every ``progress_interval_s`` while it runs. Ray engine: on the current Ray cluster
+    (``init_ray`` first)."""
     started = time.perf_counter()
     cfg_dict = config_to_dict(cfg)
     outputs: list[dict[str, Any]] = []
     # Sources first: bad inputs (unreadable image files, no such MIS) fail before anything is written.
     if cfg.engine == "local":
-        rows = local_set_rows(cfg.inputs, cfg.storage)
+        rows = list(local_set_rows(cfg.inputs, cfg.storage))
+        total = len(rows)
     else:
         sets = ray_set_dataset(cfg.inputs, cfg.storage)
+        total = _count_input_sets(cfg, sets)
     save_config(cfg, st.join(cfg.output_uri, "generate_config.json"), cfg.storage)
+    progress = JobProgress(
+        "generate", st.join(cfg.output_uri, "progress.json"), unit="images",
+        total={"sets": total, "images": None if total is None else total * cfg.sample.num_images},
+        interval_s=cfg.progress_interval_s, storage_cfg=cfg.storage)
     if cfg.engine == "local":
         generator = M2MSetGenerator(cfg_dict)
-        for batch in _batches(rows, cfg.sets_per_batch):
-            result = generator(batch)
-            outputs.extend(dict(zip(result, values)) for values in zip(*result.values()))
+        batches: Iterable[dict[str, Any]] = (generator(batch)
+                                             for batch in _batches(rows, cfg.sets_per_batch))
     else:
-
         generated = sets.map_batches(
             M2MSetGenerator, fn_constructor_kwargs={"cfg_dict": cfg_dict},
             batch_size=cfg.sets_per_batch, batch_format="numpy", **actor_pool_args(cfg.actors))
-        for batch in generated.iter_batches(batch_format="numpy", batch_size=256):
-            outputs.extend(dict(zip(batch, values)) for values in zip(*batch.values()))
+        batches = generated.iter_batches(batch_format="numpy", batch_size=None)  # as they come
+    for batch in batches:
+        rows_done = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        outputs.extend(rows_done)
+        failed = [row for row in rows_done if not row["record"]]
+        done = len(rows_done) - len(failed)
+        progress.update(sets=done, images=done * cfg.sample.num_images)
+        if failed:
+            progress.failure(f"set {failed[-1]['set_id']}: {failed[-1]['error']}"[:500],
+                             len(failed))
     outputs.sort(key=lambda row: (int(row["order"]), str(row["set_id"])))
     records = [gen.GenerationSet.from_obj(json.loads(row["record"]), f"set {row['set_id']}")
                for row in outputs if row["record"]]
     skipped = [{"set_id": str(row["set_id"]), "reason": str(row["error"])}
                for row in outputs if not row["record"]]
     if not records:
+        progress.finish("failed")
         raise RuntimeError(f"no set was generated ({len(skipped)} skipped: "
                            f"{skipped[:3]}); check the inputs")
     index_uri = gen.write_index(cfg.output_uri, records, cfg.storage)
@@ -182,7 +224,8 @@ def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:
     summary = {"output_uri": cfg.output_uri, "index": index_uri, "contact_sheet": sheet,
                "sets": len(records), "generated_images": images, "skipped": skipped,
                "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 4),
-               "model": records[0].meta.get("model"), "engine": cfg.engine}
+               "model": records[0].meta.get("model"), "engine": cfg.engine,
+               "progress": progress.finish()}
     st.write_bytes(st.join(cfg.output_uri, "summary.json"),
                    json.dumps(summary, indent=2).encode(), cfg.storage)
     return summary

@@ -49,7 +49,7 @@ from m2m_ray.models.context import DinoEncoder
 from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.models.m2m_unet import M2MUNet
 from m2m_ray.sampling.config import SampleConfig
-from m2m_ray.sampling.sampler import sample
+from m2m_ray.sampling.sampler import NonFiniteOutputError, finite_sets, sample
 
 if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig
@@ -194,15 +194,24 @@ class M2MPipeline:
                  generator: Sequence[torch.Generator] | None = None, *,
                  context_task: TaskConditions | None = None,
                  target_task: TaskConditions | None = None,
-                 output_type: OutputType = "pil") -> list[list[Image.Image]] | torch.Tensor:
+                 output_type: OutputType = "pil",
+                 on_non_finite: Literal["raise", "skip"] = "raise"
+                 ) -> list[list[Image.Image] | None] | torch.Tensor:
         """The batched form: S sets sampled by ``spec`` (the one sampling spec; None: its
         defaults; its scheduler, resolution and VAE batch size apply here), one generator per set
         (None: seeded from torch's global RNG). Sets with different numbers of images run as
         separate batches; task conditions ``[S, K]`` / ``[S, M]`` need sets of equal K. Returns S
         lists of PIL images, or for ``output_type="pt"`` a tensor ``[S, M, 3, R, R]``.
 
+        A set whose latents or pixels hold NaN/Inf (e.g. a float16 overflow) is never returned as
+        images: ``on_non_finite="raise"`` raises ``NonFiniteOutputError`` naming the sets,
+        ``"skip"`` (PIL output only) returns None in their place.
+
         Raises ``ValueError`` when the generator count differs from S or task conditions come
         with sets of different sizes."""
+        if on_non_finite == "skip" and output_type == "pt":
+            raise ValueError('on_non_finite="skip" needs output_type="pil" (a tensor cannot hold '
+                             "the missing sets)")
         spec = spec or SampleConfig()
         if generator is None:
             generator = [torch.Generator().manual_seed(int(torch.randint(2**62, ())))
@@ -226,11 +235,18 @@ class M2MPipeline:
                          [generator[i] for i in indices], spec,
                          context_task=context_task, target_task=target_task)
             pixels = out.pixels if out.pixels is not None else self.codec.decode(out.latents)
+            finite = out.finite & finite_sets(pixels).cpu()  # (S,)
             for row, i in enumerate(indices):
-                results[i] = pixels[row].cpu()  # (M, 3, R, R)
+                results[i] = pixels[row].cpu() if finite[row] else None  # (M, 3, R, R)
+        bad = [i for i, pixels in enumerate(results) if pixels is None]
+        if bad and on_non_finite == "raise":
+            raise NonFiniteOutputError(
+                f"sets {bad} of {len(image_sets)} came out with NaN/Inf latents or pixels in "
+                f"{str(self.unet.dtype).removeprefix('torch.')} (their images would be black); "
+                "sample in float32 (SampleConfig.dtype / --sample.dtype=float32)", bad)
         if output_type == "pt":
             return torch.stack(results)
-        return [tensor_to_images(pixels) for pixels in results]
+        return [None if pixels is None else tensor_to_images(pixels) for pixels in results]
 
 
 def _load_scheduler(folder: Path):

@@ -43,6 +43,21 @@ from m2m_ray.sampling.guidance import Branch, branch_masks, combine, guidance_br
 class SampleOutput:
     latents: torch.Tensor               # (B, M, 4, h, w) float32
     pixels: torch.Tensor | None = None  # (B, M, 3, H, W) in [0, 1] when decoded in the loop (dino)
+    finite: torch.Tensor | None = None  # (B,) bool: the set's latents (and pixels) have no NaN/Inf
+
+
+class NonFiniteOutputError(RuntimeError):
+    """Sets whose latents or pixels hold NaN or Inf (e.g. a float16 overflow); ``sets`` are their
+    indices in the batch."""
+
+    def __init__(self, message: str, sets: list[int]):
+        super().__init__(message)
+        self.sets = sets
+
+
+def finite_sets(x: torch.Tensor) -> torch.Tensor:
+    """``[B, ...]`` → ``(B,)`` bool: which rows hold no NaN or Inf."""
+    return torch.isfinite(x).flatten(1).all(1)
 
 
 class ContextState:
@@ -188,6 +203,9 @@ def sample(model: M2MUNet, scheduler: Any, codec: ImageCodec, context_images: to
     window, cache); its scheduler is the caller's ``scheduler`` object. ``context_task`` ``[B, K]``
     / ``target_task`` ``[B, M]``: task conditions (eq. 7 guidance with s_T); None: eq. 6.
 
+    ``SampleOutput.finite`` tells which sets came out without NaN/Inf (checked after every image;
+    the caller decides what a non-finite set is).
+
     Raises ``ValueError`` for context images that are not ``[B, K, 3, H, W]``, a generator count
     other than B, or task conditions of the wrong shape or for a model without them."""
     num_images, context_window = spec.num_images, spec.context_window
@@ -209,15 +227,19 @@ def sample(model: M2MUNet, scheduler: Any, codec: ImageCodec, context_images: to
                                  None if target_task is None else spec.task_guidance_scale)
     shape = latent_shape(codec, height, width)
     generated, decoded = [], []
+    finite = torch.ones(batch, dtype=torch.bool, device=device)  # (B,)
     for j in range(num_images):
         task = None if target_task is None else target_task.select(slice(j, j + 1))  # (B, 1)
         noise = initial_noise(generators, shape, device)  # (B, 4, h, w)
         latents = denoise_image(model, scheduler, state, noise, spec.num_inference_steps, branches,
                                 task)[:, None]  # (B, 1, 4, h, w)
         generated.append(latents)
+        finite &= finite_sets(latents)  # a NaN stays in its own set: rows never mix
         pixels = codec.decode(latents) if codec.needs_pixels else None  # (B, 1, 3, H, W)
         if pixels is not None:
             decoded.append(pixels)
+            finite &= finite_sets(pixels)
         if j + 1 < num_images:
             state.add(codec.context_of(latents, pixels), task)
-    return SampleOutput(torch.cat(generated, 1), torch.cat(decoded, 1) if decoded else None)
+    return SampleOutput(torch.cat(generated, 1), torch.cat(decoded, 1) if decoded else None,
+                        finite.cpu())

@@ -98,7 +98,11 @@ def teacher_images(model_preset: str, captions: Sequence[str], images_per_captio
     for start in range(0, len(captions), captions_per_batch):
         chunk = list(captions[start:start + captions_per_batch])
         ids = list(range(first_id + start, first_id + start + len(chunk)))
-        sets.append(generator.generate(chunk, ids)[1])
+        out = generator.generate(chunk, ids)
+        if any(out.rejected):
+            raise RuntimeError(f"teacher sets of captions {ids} came out non-finite: "
+                               f"{out.rejected}")
+        sets.append(out.pixels)
     return np.concatenate(sets)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from m2m_ray import storage
-from m2m_ray.formats.mis import iter_mis
+from m2m_ray.formats.mis_read import iter_mis
 from m2m_ray.shapes import world
 from m2m_ray.shapes.evaluate import (
     SCORED,

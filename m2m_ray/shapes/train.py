@@ -5,11 +5,14 @@ the project trains them. Seeded: rerunning a command gives models that meet the 
     python -m m2m_ray.shapes.train readout --out m2m_ray/shapes/readout
     python -m m2m_ray.shapes.train vae --out m2m_ray/models/weights/shapes
     python -m m2m_ray.shapes.train teacher --out m2m_ray/models/weights/shapes
+    python -m m2m_ray.shapes.train dino --out m2m_ray/models/weights/shapes
 
 ``vae`` writes ``<out>/vae``; ``teacher`` reads ``<out>/vae`` and writes ``<out>/unet``,
 ``<out>/text_encoder`` and ``<out>/scheduler`` (the diffusers folder layout of SD-2.1-base, loaded by
-the ``shapes`` model preset). Each command ends with its held-out evaluation (``m2m_ray.shapes.
-evaluate``) and writes it as ``<folder>/training.json`` beside the weights.
+the ``shapes`` model preset); ``dino`` writes ``<out>/dino``, M2M-DINO's frozen encoder, trained
+self-supervised (``m2m_ray.shapes.dino``). Each command ends with its held-out evaluation
+(``m2m_ray.shapes.evaluate``; the DINO's linear probe) and writes it as ``<folder>/training.json``
+beside the weights.
 """
 
 from __future__ import annotations
@@ -35,20 +38,7 @@ from m2m_ray.shapes.teacher import (
     teacher_scheduler,
     token_ids,
 )
-
-
-def render_batch(rng: np.random.Generator, size: int, image_size: int = 32,
-                 exclude: tuple = ()) -> tuple[np.ndarray, list[world.Attributes], list[str]]:
-    """``size`` random renders: uint8 ``[size, S, S, 3]``, their attributes and captions."""
-    images, attributes, captions = [], [], []
-    while len(images) < size:
-        a = world.sample_attributes(rng)
-        if a.key in exclude:
-            continue
-        images.append(world.render(a, image_size))
-        attributes.append(a)
-        captions.append(world.caption(a, rng))
-    return np.stack(images), attributes, captions
+from m2m_ray.shapes.world import render_batch
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -262,7 +252,7 @@ def _zero_unused_tokens(text_encoder, tokenizer) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["readout", "vae", "teacher"])
+    parser.add_argument("what", choices=["readout", "vae", "teacher", "dino"])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -274,9 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    defaults = {"readout": (3000, 128), "vae": (4000, 32), "teacher": (8000, 128)}[args.what]
+    defaults = {"readout": (3000, 128), "vae": (4000, 32), "teacher": (8000, 128),
+                "dino": (1500, 256)}[args.what]
     steps, batch = args.steps or defaults[0], args.batch or defaults[1]
-    fn = {"readout": train_readout, "vae": train_vae, "teacher": train_teacher}[args.what]
+    from m2m_ray.shapes.dino import train_dino
+
+    fn = {"readout": train_readout, "vae": train_vae, "teacher": train_teacher,
+          "dino": train_dino}[args.what]
     extra = {}
     if args.what == "teacher":
         extra = {"resume": args.resume, **({"lr": args.lr} if args.lr else {})}

@@ -275,6 +275,20 @@ def write_caption_tsv(path: str, seed: int, count: int,
     return count
 
 
+def render_batch(rng: np.random.Generator, size: int, image_size: int = 32,
+                 exclude: tuple = ()) -> tuple[np.ndarray, list[Attributes], list[str]]:
+    """``size`` random renders: uint8 ``[size, S, S, 3]``, their attributes and captions."""
+    images, attributes, captions = [], [], []
+    while len(images) < size:
+        a = sample_attributes(rng)
+        if a.key in exclude:
+            continue
+        images.append(render(a, image_size))
+        attributes.append(a)
+        captions.append(caption(a, rng))
+    return np.stack(images), attributes, captions
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m m2m_ray.shapes.world --out captions.tsv --count 64 --seed 0``: a CC12M-format
     caption file of the shapes world, without the held-out attribute combinations."""

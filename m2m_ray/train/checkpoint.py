@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 
 from m2m_ray.models.m2m_unet import WEIGHTS_NAME, M2MUNet
 from m2m_ray.storage import save_config
-from m2m_ray.train.config import TrainConfig
+from m2m_ray.train.config import OptimConfig, TrainConfig
 from m2m_ray.train.state import STATE_NAME, TrainerState
-from m2m_ray.train.step import EMA
+from m2m_ray.train.step import EMA, LRSchedule
 
 
 def save_checkpoint(path: Path, model: M2MUNet, ema: EMA, optimizer: torch.optim.Optimizer,
@@ -48,9 +48,13 @@ def save_checkpoint(path: Path, model: M2MUNet, ema: EMA, optimizer: torch.optim
 
 
 def load_checkpoint(path: Path, model: M2MUNet, ema: EMA | None,
-                    optimizer: torch.optim.Optimizer, scheduler, rank: int) -> TrainerState:
+                    optimizer: torch.optim.Optimizer, scheduler, rank: int,
+                    cfg: TrainConfig | None = None) -> TrainerState:
     """Restore what ``save_checkpoint`` wrote into live objects; returns the trainer state. RNG
-    states are restored when the world size is unchanged."""
+    states are restored when the world size is unchanged. With ``cfg`` (the resuming run's
+    config), its optimizer settings and LR schedule replace the checkpoint's
+    (``apply_optim_settings``): a resume with a new ``max_steps`` or schedule follows the new one
+    (``resume_changes`` lists and logs what changed; the driver refuses what cannot change)."""
     device = model.device
     model.load_state_dict(load_file(str(path / "unet" / WEIGHTS_NAME), device=str(device)))
     if ema is not None:
@@ -59,6 +63,8 @@ def load_checkpoint(path: Path, model: M2MUNet, ema: EMA | None,
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
                                          weights_only=True))
     scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+    if cfg is not None:
+        apply_optim_settings(optimizer, scheduler, cfg.optim, cfg.max_steps)
     state = TrainerState.from_json((path / STATE_NAME).read_text())
     rng_states = torch.load(path / "rng_state.pt", weights_only=True)
     if len(rng_states) == state.world_size and rank < len(rng_states):
@@ -66,6 +72,57 @@ def load_checkpoint(path: Path, model: M2MUNet, ema: EMA | None,
         if rng_states[rank]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng_states[rank]["cuda"])
     return state
+
+
+def apply_optim_settings(optimizer: torch.optim.Optimizer, scheduler, optim: OptimConfig,
+                         max_steps: int) -> None:
+    """Make a restored AdamW and ``LambdaLR`` follow ``optim`` and ``max_steps`` from the restored
+    step on: hyper-parameters of every param group, base learning rates and the schedule object
+    (which ``LambdaLR.load_state_dict`` had replaced by the checkpoint's), and the current lr =
+    base lr × schedule(step), as ``LambdaLR`` computes it. The moments of AdamW are kept."""
+    for group in optimizer.param_groups:
+        group.update(betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                     initial_lr=optim.lr)
+    scheduler.base_lrs = [optim.lr] * len(optimizer.param_groups)
+    scheduler.lr_lambdas = [LRSchedule(optim, max_steps) for _ in optimizer.param_groups]
+    for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = optim.lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+# A resumed run may change how it continues (applied and logged), not what it trains: these
+# settings define the model, the data stream positions and the seeded draws of the checkpoint.
+FIXED_ON_RESUME = ("model", "m2m", "seed", "data.uri", "data.format", "data.split",
+                   "data.subset_sets", "data.images_per_set", "init_from")
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """``"key: old → new"`` for every setting of ``cfg`` that differs from ``saved`` (the
+    checkpoint's ``train_config.json`` payload ``config``). Raises ``ValueError`` naming the
+    settings of ``FIXED_ON_RESUME`` that changed and how to start a new run instead."""
+    new = _flat(cfg.model_dump(mode="json"))
+    old = _flat(saved)
+    changed = [key for key in sorted(set(new) | set(old)) if new.get(key) != old.get(key)]
+    # bookkeeping of the run length and of the resolved max_steps is not a change of the run
+    changed = [key for key in changed if key not in ("num_epochs",)]
+    fixed = [key for key in changed if any(key == f or key.startswith(f + ".")
+                                           for f in FIXED_ON_RESUME)]
+    if fixed:
+        detail = "; ".join(f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in fixed)
+        raise ValueError(f"run {cfg.run_name!r} resumes from a checkpoint trained with other "
+                         f"settings that cannot change mid-run ({detail}). Start a new run "
+                         "(another --run_name), or fine-tune from its export with --init_from")
+    return [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in changed]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def rng_state() -> dict:

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from m2m_ray.config import RayConfig, StorageConfig, StrictModel, with_defaults
 from m2m_ray.data.config import TrainDataConfig
@@ -22,7 +22,8 @@ class OptimConfig(StrictModel):
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; "
                                         "None: no clipping (the norm is still reported).")
-    warmup_steps: int = Field(1000, ge=0, description="Linear warm-up from 0 to lr.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr (paper, "
+                              "Appendix A: none).")
     schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr / peak lr.")
 
@@ -52,6 +53,55 @@ class SampleGridConfig(StrictModel):
     renamed_keys: ClassVar[dict[str, str]] = {
         "new_images": "sample.num_images", "steps": "sample.num_inference_steps",
         "guidance_scale": "sample.guidance_scale"}
+
+
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+
+
+def _one_or_many(value):
+    """``--report_to=wandb`` (diffusers' spelling) or a list."""
+    return [value] if isinstance(value, str) else value
+
+
+class WandbConfig(StrictModel):
+    """Weights & Biases (``report_to: [wandb]``; ``pip install 'm2m-ray[wandb]'``). The API key
+    comes from ``WANDB_API_KEY`` or ``wandb login``, never from a config."""
+
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="None: WANDB_MODE, else online. offline: files only, `wandb sync` "
+        "uploads them later.")
+    entity: str | None = Field(None, description="Team or user; None: the key's default.")
+    dir: str | None = Field(None, description="Local folder for W&B's files on the rank-0 "
+                            "worker; None: WANDB_DIR, else ./wandb in the worker's directory.")
+
+
+class MLflowConfig(StrictModel):
+    """MLflow (``report_to: [mlflow]``; ``pip install 'm2m-ray[mlflow]'``)."""
+
+    tracking_uri: str | None = Field(
+        None, description="An MLflow server (http://host:5000) or a file store (file:/path; "
+        "MLflow 3 wants MLFLOW_ALLOW_FILE_STORE=true in the workers' environment for it). "
+        "None: MLFLOW_TRACKING_URI.")
+
+
+class TrackingConfig(StrictModel):
+    """Where ``report_to``'s trackers write (``m2m_ray/train/tracking.py``), and MFU's peak."""
+
+    project_name: str = Field("m2m_ray", description="W&B project / MLflow experiment "
+                              "(diffusers' --tracker_project_name).")
+    logging_dir: str | None = Field(
+        None, description="TensorBoard event files (local or s3://); None: "
+        "<storage_path>/<run_name>/tensorboard.")
+    sync_every_s: float = Field(60.0, ge=0, description="s3:// logging_dir: upload the event "
+                                "files at most this often, and at every checkpoint.")
+    log_images: bool = Field(True, description="Log each checkpoint's sample grid (samples.png) "
+                             "as the image `samples`.")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Peak TFLOP/s of one worker's device in the training precision "
+        "(datasheet, e.g. 989 for an H100's dense bf16) for train/mfu; None: measured at start "
+        "with a matmul (m2m_ray/train/flops.py).")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
 
 
 class TrainScalingConfig(StrictModel):
@@ -90,15 +140,30 @@ class TrainConfig(StrictModel):
     checkpoint: TrainCheckpointConfig = Field(default_factory=TrainCheckpointConfig)
     samples: SampleGridConfig = Field(default_factory=SampleGridConfig)
     global_batch_size: int = Field(256, ge=1, description="Sets per optimizer step, all workers "
-                                   "together (paper: 256).")
-    max_steps: int = Field(..., ge=1, description="Optimizer steps of the whole run.")
+                                   "and accumulation steps together (paper: 256).")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step on each worker: a worker holds "
+        "global_batch_size / num_workers / gradient_accumulation_steps sets at a time; the update "
+        "is the same as without accumulation (the step's noise is drawn for the whole batch).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps of the whole run; "
+                                  "exactly one of max_steps and num_epochs.")
+    num_epochs: float | None = Field(
+        None, gt=0, description="Run length in passes over the training sets (of data.split, "
+        "within data.subset_sets): max_steps = floor(num_epochs × sets / global_batch_size), "
+        "derived from the dataset's shard stats when the run starts and logged (paper: 1 epoch).")
     seed: int = Field(0, description="Seeds new weights, subsets, noise, timesteps, dropout.")
     context_drop_prob: float = Field(0.1, ge=0, le=1, description="Probability that a set sees "
                                      "no context (and no task conditions): paper 10%.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU. Weights stay fp32.")
     gradient_checkpointing: bool | None = Field(None, description="None: on GPU only.")
-    log_every_steps: int = Field(50, ge=1, description="Metrics interval (ray.train.report).")
+    log_every_steps: int = Field(50, ge=1, description="Metrics interval (ray.train.report "
+                                 "and the trackers of report_to).")
+    report_to: Annotated[list[Tracker], BeforeValidator(_one_or_many)] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers written by "
+        "rank 0: tensorboard, wandb, mlflow (diffusers' --report_to; one name or a list; []: "
+        "none). Settings in `tracking`.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     max_failures: int = Field(3, ge=-1, description="Ray Train FailureConfig.max_failures.")
     fault_injection: TrainFaultInjectionConfig = Field(default_factory=TrainFaultInjectionConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -106,12 +171,25 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
-        workers = self.scaling.num_workers
-        if self.global_batch_size % workers:
+        workers, accumulation = self.scaling.num_workers, self.gradient_accumulation_steps
+        if self.global_batch_size % (workers * accumulation):
             raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "
-                             f"scaling.num_workers {workers}; every worker takes the same share")
+                             f"scaling.num_workers × gradient_accumulation_steps = {workers} × "
+                             f"{accumulation}; every worker and micro-batch takes the same share")
+        if (self.max_steps is None) == (self.num_epochs is None):
+            raise ValueError(f"set exactly one of max_steps ({self.max_steps}) and num_epochs "
+                             f"({self.num_epochs}): the run's length in optimizer steps or in "
+                             "passes over the training sets (override a config's num_epochs "
+                             "with --max_steps=N --num_epochs=null)")
         if self.samples.context_images > self.data.images_per_set:
             raise ValueError(f"samples.context_images {self.samples.context_images} > "
                              f"data.images_per_set {self.data.images_per_set}: the grid's "
                              "context comes from one training sample")
         return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sets one worker holds in one forward/backward."""
+        return (self.global_batch_size // self.scaling.num_workers
+                // self.gradient_accumulation_steps)
+

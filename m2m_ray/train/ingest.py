@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import ray
 from ray.train import DataConfig
 
@@ -36,21 +37,31 @@ from m2m_ray.train.state import TrainerState, latest_checkpoint, read_trainer_st
 log = logging.getLogger(__name__)
 
 
-@ray.remote(num_cpus=0)
-class DataErrorCounter:
-    """Counts the sets and shards skipped as bad data (``data.on_bad_data: skip``)."""
+class BadDataTally:
+    """Counts the sets and shards skipped as bad data (``data.on_bad_data: skip``); the run's
+    ``DataErrorCounter`` actor."""
 
     def __init__(self):
         self.counts = {"sets": 0, "shards": 0}
         self.examples: list[str] = []
+        self.seen: set[tuple[str, ...]] = set()
 
     def add(self, kind: str, uri: str, reason: str) -> None:
+        """Count a bad shard once (by URI) and a bad set once (by shard and reason, which names
+        the set), however often it is read: by task retries, by restarted workers, each epoch."""
+        key = (kind, uri) if kind == "shard" else (kind, uri, reason)
+        if key in self.seen:
+            return
+        self.seen.add(key)
         self.counts[f"{kind}s"] += 1
         if len(self.examples) < 20:
             self.examples.append(f"{kind} in {uri}: {reason}")
 
     def totals(self) -> dict[str, Any]:
         return {**self.counts, "examples": list(self.examples)}
+
+
+DataErrorCounter = ray.remote(num_cpus=0)(BadDataTally)
 
 
 def error_counter_name(cfg: TrainConfig) -> str:
@@ -76,16 +87,60 @@ class ReportToCounter:
         ray.get_actor(self.name).add.remote(kind, uri, reason)
 
 
-def shard_manifest(cfg: TrainConfig):
-    """The trainer's ``train`` dataset: one row per committed shard, ``{"shard": uri, "sets": n}``,
-    listed once per ``fit`` (shards committed later do not change a running plan)."""
-    rows = [{"shard": uri, "sets": stats["sets"]}
+def training_shards(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The run's shards, listed once per ``fit`` (shards committed later do not change a running
+    plan): ``{"shard": uri, "sets": n, "split_sets": m}`` per committed shard in shard order, where
+    ``m`` counts the sets of ``data.split`` (None where the shard's stats predate per-split counts).
+    With ``data.subset_sets``, only the shards of the subset (see ``choose_subset``). Raises
+    ``FileNotFoundError`` when the dataset has no committed shard of ``data.format``."""
+    rows = [{"shard": uri, "sets": stats["sets"], "split_sets": split_sets(stats, cfg.data.split)}
             for uri, stats in committed_shards(cfg.data.uri, cfg.data.format, cfg.storage)]
     if not rows:
         raise FileNotFoundError(f"no committed {cfg.data.format} shards under {cfg.data.uri}/mis; "
                                 "build MIS first (pipelines/build_mis.py) or check data.uri and "
                                 "data.format")
-    return ray.data.from_items(rows)
+    if cfg.data.subset_sets is not None:
+        rows = choose_subset(rows, cfg.data.subset_sets, cfg.seed, "data.subset_sets")
+    return rows
+
+
+def split_sets(stats: dict[str, Any], split: str | None) -> int | None:
+    """Sets of ``split`` in a shard from its stats (None: all); None if the stats do not say."""
+    if split is None:
+        return int(stats["sets"])
+    counts = stats.get("split_sets")
+    return None if counts is None else int(counts.get(split, 0))
+
+
+def counted_sets(rows: list[dict[str, Any]], why: str) -> int:
+    """Total ``split_sets`` of the rows; ``ValueError`` naming a shard without per-split counts."""
+    unknown = [row["shard"] for row in rows if row["split_sets"] is None]
+    if unknown:
+        raise ValueError(f"{why} counts the sets of one split, but the stats of {len(unknown)} "
+                         f"shard(s) (e.g. {unknown[0]}) have no per-split counts (split_sets): "
+                         "the dataset was built before they were recorded. Rebuild it into a new "
+                         "output_uri, set data.split=null to count all sets, or give max_steps "
+                         "and no data.subset_sets")
+    return sum(row["split_sets"] for row in rows)
+
+
+def choose_subset(rows: list[dict[str, Any]], subset_sets: int, seed: int,
+                  why: str) -> list[dict[str, Any]]:
+    """Whole shards in an order seeded by ``seed``, until their sets of the split reach
+    ``subset_sets`` (all of them if they never do), returned in shard order; a pure function of
+    the shard list and the seed, so every rerun and resume trains on the same subset."""
+    counted_sets(rows, why)
+    order = np.random.default_rng([seed, 0x5B5E75]).permutation(len(rows))
+    chosen, total = [], 0
+    for index in order:
+        if total >= subset_sets:
+            break
+        chosen.append(int(index))
+        total += rows[index]["split_sets"]
+    if total < subset_sets:
+        log.warning("%s=%d but the dataset has only %d sets of the split: training on all of them",
+                    why, subset_sets, total)
+    return [rows[i] for i in sorted(chosen)]
 
 
 def stream_starts(state: TrainerState | None, world_size: int,
@@ -103,7 +158,8 @@ def stream_starts(state: TrainerState | None, world_size: int,
 
 
 class MISDataConfig(DataConfig):
-    """See the module docstring; ``datasets["train"]`` must be ``shard_manifest(cfg)``."""
+    """See the module docstring; ``datasets["train"]`` must be ``ray.data.from_items`` of
+    ``training_shards(cfg)``."""
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(datasets_to_split=[])
@@ -120,10 +176,11 @@ class MISDataConfig(DataConfig):
         report_bad = (ReportToCounter(error_counter_name(self.cfg))
                       if self.cfg.data.on_bad_data == "skip" else None)
         stored_latents = use_stored_latents(self.cfg, shards)
+        shard_sets = tuple(int(row["sets"]) for row in manifest)
         output = []
         for rank in range(world_size):
             stream = plan_stream(self.cfg, shards, mean_sets, stored_latents, rank, world_size,
-                                 starts[rank], 0 if state is None else state.step)
+                                 starts[rank], 0 if state is None else state.step, shard_sets)
             log.info("train stream of rank %d: %s", rank, describe_stream(stream))
             dataset = build_stream_dataset(stream, self.cfg, report_bad)
             options = self._resolve_execution_options("train")

@@ -2,8 +2,9 @@
 
 Per step: a batch of ``global_batch_size / num_workers`` sets from this worker's MIS stream
 (``ray.train.get_dataset_shard("train")``), the ε-loss of eq. 5 (``step.m2m_loss``; noise,
-timesteps and context drops from a generator of (seed, step, rank)), backward through DDP
-(``ray.train.torch.prepare_model``), gradient clipping, AdamW, the LR schedule, and on rank 0 the
+timesteps and context drops drawn for the whole batch from a generator of (seed, step, rank)), in
+``gradient_accumulation_steps`` micro-batches (``step.accumulate_gradients``), backward through
+DDP (``ray.train.torch.prepare_model``), gradient clipping, AdamW, the LR schedule, and on rank 0 the
 EMA. bf16 autocast and gradient checkpointing on GPU (``precision``, ``gradient_checkpointing``).
 
 Every ``log_every_steps`` all workers call ``ray.train.report`` with rank 0's metrics:
@@ -38,7 +39,15 @@ from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.ingest import error_counts
 from m2m_ray.train.preview import sample_grid
 from m2m_ray.train.state import TrainerState, checkpoint_dir_name, run_dir
-from m2m_ray.train.step import EMA, TrainBatch, m2m_loss, make_optimizer, step_generator
+from m2m_ray.train.step import (
+    EMA,
+    StepNoise,
+    TrainBatch,
+    accumulate_gradients,
+    make_optimizer,
+    step_generator,
+)
+from m2m_ray.train.tracking import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +57,10 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     worker = Worker(TrainConfig.model_validate(config["train"]), context.get_world_rank(),
                     context.get_world_size(), ray.train.torch.get_device())
-    worker.fit()
+    try:
+        worker.fit()
+    finally:
+        worker.trackers.close()
 
 
 class Worker:
@@ -68,7 +80,7 @@ class Worker:
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 self.state = load_checkpoint(Path(folder), self.model, self.ema, self.optimizer,
-                                             self.scheduler, rank)
+                                             self.scheduler, rank, cfg)
             if self.state.world_size == world_size:
                 self.expected_start = self.state.positions[rank]
             log.info("rank %d resumed from step %d", rank, self.state.step)
@@ -82,6 +94,8 @@ class Worker:
         self.preview: torch.Tensor | None = None  # latents of the sample grid's sets
         self.position = self.expected_start
         self.epoch = self.state.epoch
+        self.trackers = Trackers(cfg, rank, world_size, self.model, self.dino, device,
+                                 self.autocast, self.state.step)  # tracking.py: rank 0 only
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -102,9 +116,11 @@ class Worker:
             checkpoint_now = step % cfg.checkpoint.every_steps == 0 or step == cfg.max_steps
             if checkpoint_now or step % cfg.log_every_steps == 0:
                 metrics = self.metrics(window)
+                metrics.update(self.trackers.mfu(metrics))
                 self.state.train_seconds += window.seconds()
                 if self.rank == 0:  # Ray forwards worker stdout to the driver's console
                     print(progress_line(metrics, cfg.max_steps), flush=True)
+                    self.trackers.log(metrics, step)
                 if checkpoint_now:
                     self.report_checkpoint(metrics)
                 else:
@@ -123,10 +139,11 @@ class Worker:
         if self.rank == 0 and self.preview is None and cfg.samples.enabled:
             self.preview = batch.latents[:cfg.samples.num_sets].clone()  # (S, N, 4, h, w)
         generator = step_generator(cfg.seed, self.state.step, self.rank, self.device)
-        loss = m2m_loss(self.ddp, batch, self.alphas_cumprod, generator, cfg.context_drop_prob,
-                        self.dino, self.autocast)
+        draws = StepNoise.draw(generator, batch.latents.shape, self.alphas_cumprod.shape[0],
+                               cfg.context_drop_prob, self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = accumulate_gradients(self.ddp, batch, self.alphas_cumprod, draws,
+                                    cfg.gradient_accumulation_steps, self.dino, self.autocast)
         max_norm = cfg.optim.max_grad_norm or float("inf")  # inf: measure without clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
@@ -136,7 +153,7 @@ class Worker:
             self.ema.update(self.model, self.state.step)
         self.position = (int(columns["item"][-1]), int(columns["row"][-1]) + 1)
         self.epoch = max(self.epoch, int(columns["epoch"].max()))
-        return loss.detach(), grad_norm.detach()
+        return loss, grad_norm.detach()
 
     def check_start(self, columns: dict[str, torch.Tensor]) -> None:
         """After a resume, the stream must start where the checkpoint left this worker: at that
@@ -192,9 +209,11 @@ class Worker:
         state = TrainerState(step=step, epoch=max(g[1] for g in gathered),
                              world_size=self.world_size, positions=[g[0] for g in gathered],
                              train_seconds=self.state.train_seconds)
+        grid = self.grid()
+        self.trackers.log_image("samples", grid, step)
         with tempfile.TemporaryDirectory(prefix="m2m-ckpt-") as folder:
             save_checkpoint(Path(folder), self.model, self.ema, self.optimizer, self.scheduler,
-                            state, cfg, [g[2] for g in gathered], self.grid())
+                            state, cfg, [g[2] for g in gathered], grid)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=name)
         log.info("step %d: checkpoint %s, loss %.4f", step, name, metrics["train/loss"])
@@ -225,7 +244,8 @@ def progress_line(metrics: dict[str, float], max_steps: int) -> str:
     """One console line per logging interval: ``[train] step 25/400 loss 0.1234 ...``."""
     return (f"[train] step {metrics['train/step']}/{max_steps} loss {metrics['train/loss']:.4f} "
             f"lr {metrics['train/lr']:.2e} grad_norm {metrics['train/grad_norm']:.3f} "
-            f"{metrics['train/images_per_s']:.1f} images/s")
+            f"{metrics['train/images_per_s']:.1f} images/s"
+            + (f" mfu {metrics['train/mfu']:.2%}" if "train/mfu" in metrics else ""))
 
 
 class Window:

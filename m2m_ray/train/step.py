@@ -10,6 +10,7 @@ task conditions: the unconditional branch of classifier-free guidance is trained
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -47,6 +48,13 @@ class TrainBatch:
                    dino_pixels=None if dino is None else dino.to(device, non_blocking=True),
                    task=task)
 
+    def select(self, sets: slice) -> "TrainBatch":
+        """The sets ``sets`` of the batch (a micro-batch of gradient accumulation)."""
+        return TrainBatch(latents=self.latents[sets],
+                          dino_pixels=None if self.dino_pixels is None else self.dino_pixels[sets],
+                          task=None if self.task is None else TaskConditions(
+                              **{k: getattr(self.task, k)[sets] for k in self.task.present()}))
+
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """The generator of one step's noise, timesteps and context drops on one worker: a pure
@@ -55,18 +63,50 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return torch.Generator(device=device).manual_seed(value & (2**63 - 1))
 
 
+@dataclass
+class StepNoise:
+    """The random draws of one step's loss on one worker, for all of its B sets: ``timesteps``
+    int64 ``[B, N]``, ``noise`` ``[B, N, 4, h, w]`` (the ε targets), ``drop`` bool ``[B]`` (the sets
+    that see no context). Drawn once per step for the worker's whole batch, so splitting the batch
+    into micro-batches (gradient accumulation) slices these draws instead of drawing new ones: the
+    accumulated update equals the one-batch update, whatever the accumulation setting."""
+
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    drop: torch.Tensor
+
+    @classmethod
+    def draw(cls, generator: torch.Generator, latents_shape: torch.Size, num_timesteps: int,
+             context_drop_prob: float, device: torch.device) -> "StepNoise":
+        """Draw for latents of shape ``(B, N, 4, h, w)``; ``num_timesteps``: the training
+        schedule's length (SD: 1000)."""
+        num_sets, num_images = latents_shape[:2]
+        timesteps = torch.randint(0, num_timesteps, (num_sets, num_images), generator=generator,
+                                  device=device)
+        noise = torch.randn(latents_shape, generator=generator, device=device)
+        drop = torch.rand(num_sets, generator=generator, device=device) < context_drop_prob
+        return cls(timesteps, noise, drop)
+
+    def select(self, sets: slice) -> "StepNoise":
+        return StepNoise(self.timesteps[sets], self.noise[sets], self.drop[sets])
+
+
 def m2m_loss(model: nn.Module, batch: TrainBatch, alphas_cumprod: torch.Tensor,
-             generator: torch.Generator, context_drop_prob: float,
+             generator: torch.Generator | StepNoise, context_drop_prob: float,
              dino: DinoEncoder | None = None,
              autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Eq. 5 on one batch (``model``: an ``M2MUNet``, possibly DDP-wrapped). Returns the scalar
-    loss: per-image MSE summed over the set's N images, averaged over the B sets."""
+    loss: per-image MSE summed over the set's N images, averaged over the B sets. ``generator``
+    draws the step's noise (``StepNoise.draw``), or ``StepNoise`` gives it (``context_drop_prob``
+    is then unused)."""
     latents = batch.latents
     (num_sets, num_images), device = latents.shape[:2], latents.device
-    timesteps = torch.randint(0, alphas_cumprod.shape[0], (num_sets, num_images),
-                              generator=generator, device=device)  # (B, N)
-    noise = torch.randn(latents.shape, generator=generator, device=device)  # (B, N, 4, h, w)
-    drop = torch.rand(num_sets, generator=generator, device=device) < context_drop_prob  # (B,)
+    draws = generator if isinstance(generator, StepNoise) else StepNoise.draw(
+        generator, latents.shape, alphas_cumprod.shape[0], context_drop_prob, device)
+    timesteps, noise, drop = draws.timesteps, draws.noise, draws.drop
+    if timesteps.shape != (num_sets, num_images) or noise.shape != latents.shape:
+        raise ValueError(f"StepNoise for timesteps {tuple(timesteps.shape)} and noise "
+                         f"{tuple(noise.shape)} does not fit latents {tuple(latents.shape)}")
     alpha = alphas_cumprod[timesteps].view(num_sets, num_images, 1, 1, 1)
     noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise  # (B, N, 4, h, w)
     if dino is None:
@@ -82,6 +122,34 @@ def m2m_loss(model: nn.Module, batch: TrainBatch, alphas_cumprod: torch.Tensor,
                     context_drop=drop, task_drop=None if task is None else drop)
     per_image = (eps.float() - noise).pow(2).mean(dim=(2, 3, 4))  # (B, N)
     return per_image.sum(1).mean()
+
+
+def accumulate_gradients(model: nn.Module, batch: TrainBatch, alphas_cumprod: torch.Tensor,
+                         draws: StepNoise, micro_batches: int, dino: DinoEncoder | None = None,
+                         autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Backward of eq. 5 over a worker's batch of B sets in ``micro_batches`` equal slices
+    (gradient accumulation): each slice's mean loss is weighted by its share of B, so the summed
+    gradients are those of the whole batch's mean loss, and with ``draws`` for the whole batch the
+    update is the one-batch update (up to float summation order). With DDP, gradients are
+    all-reduced only on the last slice (``no_sync`` before it). Returns the batch's loss (detached
+    scalar). Raises ``ValueError`` when B is not a multiple of ``micro_batches``."""
+    num_sets = batch.latents.shape[0]
+    if micro_batches < 1 or num_sets % micro_batches:
+        raise ValueError(f"a worker batch of {num_sets} sets does not split into "
+                         f"{micro_batches} equal micro-batches; make global_batch_size / "
+                         "scaling.num_workers a multiple of gradient_accumulation_steps")
+    size, total = num_sets // micro_batches, torch.zeros((), device=batch.latents.device)
+    for index in range(micro_batches):
+        sets = slice(index * size, (index + 1) * size)
+        last = index == micro_batches - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") \
+            else model.no_sync()
+        with sync:
+            loss = m2m_loss(model, batch.select(sets), alphas_cumprod, draws.select(sets), 0.0,
+                            dino, autocast_dtype) / micro_batches
+            loss.backward()
+        total += loss.detach()
+    return total
 
 
 class LRSchedule:

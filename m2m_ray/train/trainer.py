@@ -11,6 +11,9 @@ and storage path continues from the run's last checkpoint (raise ``max_steps`` t
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -22,16 +25,54 @@ from ray.train.torch import TorchTrainer
 
 from m2m_ray import storage
 from m2m_ray.config import config_to_dict
+from m2m_ray.train.checkpoint import resume_changes
 from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.export import export_pipeline
-from m2m_ray.train.ingest import MISDataConfig, shard_manifest, start_error_counter
+from m2m_ray.train.ingest import (
+    MISDataConfig,
+    counted_sets,
+    start_error_counter,
+    training_shards,
+)
 from m2m_ray.train.loop import train_loop_per_worker
-from m2m_ray.train.state import read_trainer_state, run_dir
+from m2m_ray.train.state import latest_checkpoint, read_trainer_state, run_dir
+
+log = logging.getLogger(__name__)
 
 
-def build_trainer(cfg: TrainConfig) -> TorchTrainer:
+def resolve_run_length(cfg: TrainConfig, shards: list[dict[str, Any]]
+                       ) -> tuple[TrainConfig, dict[str, Any]]:
+    """``cfg`` with ``max_steps`` set, and how it was derived. With ``num_epochs`` (paper,
+    Appendix A: one epoch): ``max_steps = floor(num_epochs × S / global_batch_size)`` where S counts
+    the sets of ``data.split`` in ``shards`` (``training_shards``); the returned config has
+    ``max_steps`` and no ``num_epochs``. Raises ``ValueError`` when that is under one step or the
+    shards' stats cannot count S."""
+    info: dict[str, Any] = {"shards": len(shards), "global_batch_size": cfg.global_batch_size}
+    if cfg.num_epochs is None:
+        return cfg, {**info, "max_steps": cfg.max_steps, "derived": False}
+    sets = counted_sets(shards, "num_epochs")
+    steps = math.floor(cfg.num_epochs * sets / cfg.global_batch_size)
+    if steps < 1:
+        raise ValueError(f"num_epochs {cfg.num_epochs} over {sets} sets of split "
+                         f"{cfg.data.split!r} at global_batch_size {cfg.global_batch_size} is "
+                         "under one optimizer step; raise num_epochs or use max_steps")
+    info.update(num_epochs=cfg.num_epochs, sets=sets, max_steps=steps, derived=True)
+    log.info("run length: %g epoch(s) over %d sets of split %r in %d shards = %d steps of %d sets",
+             cfg.num_epochs, sets, cfg.data.split, len(shards), steps, cfg.global_batch_size)
+    print(f"[train] run length: {cfg.num_epochs:g} epoch(s) × {sets} sets / "
+          f"{cfg.global_batch_size} per step = {steps} steps", flush=True)
+    return cfg.model_copy(update={"max_steps": steps, "num_epochs": None}), info
+
+
+def build_trainer(cfg: TrainConfig, shards: list[dict[str, Any]] | None = None) -> TorchTrainer:
     """The run's trainer; ``fit`` it after ``start_error_counter(cfg)`` (``run_training`` does
-    both), which the workers report skipped bad data to."""
+    both), which the workers report skipped bad data to. ``shards``: ``training_shards(cfg)``
+    (listed here when None). Raises ``ValueError`` while the run length is in epochs
+    (``resolve_run_length`` first)."""
+    if cfg.max_steps is None:
+        raise ValueError("max_steps is derived from num_epochs by resolve_run_length; call it "
+                         "(run_training does) before building the trainer")
+    shards = training_shards(cfg) if shards is None else shards
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -49,7 +90,7 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             name=cfg.run_name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": shard_manifest(cfg)},
+        datasets={"train": ray.data.from_items(shards)},
         dataset_config=MISDataConfig(cfg),
     )
 
@@ -70,6 +111,23 @@ def check_local_resources(cfg: TrainConfig, cpus: float) -> None:
             "or data.read.num_cpus")
 
 
+def check_resume(cfg: TrainConfig) -> list[str]:
+    """When the run already has a checkpoint: the settings that differ from the ones it was
+    trained with, printed (the workers apply them: ``checkpoint.apply_optim_settings``); raises
+    ``ValueError`` for settings that cannot change mid-run (``checkpoint.resume_changes``)."""
+    checkpoint = latest_checkpoint(cfg)
+    if checkpoint is None:
+        return []
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/train_config.json") as f:
+        saved = json.loads(f.read().decode())["config"]
+    changes = resume_changes(saved, cfg)
+    step = read_trainer_state(checkpoint).step
+    for change in changes:
+        print(f"[train] resuming {cfg.run_name} at step {step} with a changed setting: {change}",
+              flush=True)
+    return changes
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Fit (or continue) the run, export the final EMA model when ``export_uri`` is set, and
     return a summary: run folder, last checkpoint, step, epoch, last metrics, the kept checkpoints
@@ -77,8 +135,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     start = time.perf_counter()
     if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         check_local_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    shards = training_shards(cfg)
+    cfg, run_length = resolve_run_length(cfg, shards)
+    check_resume(cfg)
     counter = start_error_counter(cfg)  # held here: the actor lives as long as this handle
-    result = build_trainer(cfg).fit()
+    result = build_trainer(cfg, shards).fit()
     checkpoint = result.checkpoint
     if checkpoint is None:
         raise RuntimeError(f"run {cfg.run_name} ended without a checkpoint under "
@@ -89,6 +150,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "checkpoint": checkpoint.path,
         "step": state.step,
         "epoch": state.epoch,
+        "run_length": run_length,
         "metrics": result.metrics,
         "checkpoints": [{"path": kept.path, **metrics}
                         for kept, metrics in result.best_checkpoints or []],

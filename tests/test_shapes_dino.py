@@ -1,0 +1,50 @@
+"""The shapes world's self-supervised DINO encoder (m2m_ray/shapes/dino.py): its views keep what a
+view must keep, its loss ranks the matching view first, and a short run saves an encoder that
+loads through the same Dinov2Model.from_pretrained call as DINOv2, with its linear-probe report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from m2m_ray.shapes import world
+from m2m_ray.shapes.dino import augment, linear_probe, nt_xent, train_dino
+from m2m_ray.shapes.readout import AttributeReadout, to_tensor
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_views_keep_colour_and_shape_and_background():
+    """The read-out reads the same colour, shape and background on both views of a render (the
+    labels the encoder never sees, used here only to check the augmentations)."""
+    images, attributes, _ = world.render_batch(np.random.default_rng(3), 48)
+    view = augment(to_tensor(images), torch.Generator().manual_seed(0))
+    assert view.shape == (48, 3, 32, 32) and 0 <= view.min() and view.max() <= 1
+    readout = AttributeReadout.load()
+    pixels = (view.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    read = readout.predict(pixels)
+    for name in ("colour", "shape", "background"):
+        truth = [getattr(a, name) for a in attributes]
+        right = np.mean([r == t for r, t in zip(read[name], truth)])
+        assert right >= 0.85, (name, right)
+
+
+def test_nt_xent_ranks_the_other_view_of_the_same_image_first():
+    z = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    matched = nt_xent(z, z + 0.01 * torch.randn(8, 16))
+    shuffled = nt_xent(z, z[torch.randperm(8)])
+    assert matched < 0.5 < shuffled
+
+
+def test_a_short_run_saves_an_encoder_the_preset_machinery_loads(tmp_path):
+    from transformers import Dinov2Model
+
+    report = train_dino(tmp_path, steps=3, seed=0, batch=16)
+    assert set(report["linear_probe"]) == {"shape", "colour", "background"}
+    dino = Dinov2Model.from_pretrained(tmp_path / "dino")
+    assert json.loads((tmp_path / "dino" / "training.json").read_text())["steps"] == 3
+    probe = linear_probe(dino, seed=5, train=300, test=100)
+    assert probe["colour"] >= 0.9  # colour is linear in the features even after 3 steps
