@@ -35,7 +35,9 @@ def _config(tmp: Path, *overrides: str) -> TrainConfig:
         f"--checkpoint.every_steps={EVERY}", "--samples.sample.num_inference_steps=2",
         "--report_to=[tensorboard,wandb,mlflow]", "--tracking.wandb.mode=offline",
         f"--tracking.wandb.dir={tmp}", f"--tracking.mlflow.tracking_uri=file:{tmp / 'mlruns'}",
-        *overrides])
+        # CPU runs report train/mfu only against a given peak (a rate measured on shared cores
+        # is no peak): a nominal 1 TFLOP/s per worker
+        "--tracking.peak_tflops=1.0", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,9 @@ def test_tensorboard_events_hold_loss_lr_mfu_grids_and_config(tracked_run):
     assert [e.value for e in events.Scalars("train/lr")] == pytest.approx(
         [c["train/lr"] for c in sorted(summary["checkpoints"], key=lambda c: c["train/step"])])
     mfus = [e.value for e in events.Scalars("train/mfu")]
+    tflops = [e.value for e in events.Scalars("train/tflops_per_s")]
     assert all(0 < value < 1 for value in mfus), mfus
+    assert mfus == pytest.approx([value / 1.0 for value in tflops], rel=1e-5)  # over the peak
     assert summary["metrics"]["train/mfu"] == pytest.approx(mfus[-1], rel=1e-6)  # Ray Train too
     images = events.Images("samples")
     assert [e.step for e in images] == [EVERY, STEPS]
@@ -183,3 +187,11 @@ def test_flops_per_set_match_a_real_forward_backward_and_mfu():
     with pytest.raises(ValueError, match="at least 2 images"):
         train_flops_per_set(model, 1)
     assert mfu(1e12, 10.0, 2, 10.0) == pytest.approx(0.5)  # 10 TFLOP/s over 2 × 10 TFLOP/s
+    # on a CPU without tracking.peak_tflops: FLOP/s, no MFU (nothing measured as a "peak")
+    from m2m_ray.train.tracking import Trackers
+
+    quiet = cfg.model_copy(update={"report_to": []})
+    terms = Trackers(quiet, 0, 2, model, None, torch.device("cpu"), None, 0).mfu(
+        {"train/samples_per_s": 4.0})
+    assert set(terms) == {"train/tflops_per_s"}
+    assert terms["train/tflops_per_s"] == pytest.approx(counted * 4.0 / 2 / 1e12)

@@ -99,7 +99,8 @@ class TrackingConfig(StrictModel):
     peak_tflops: float | None = Field(
         None, gt=0, description="Peak TFLOP/s of one worker's device in the training precision "
         "(datasheet, e.g. 989 for an H100's dense bf16) for train/mfu; None: measured at start "
-        "with a matmul (m2m_ray/train/flops.py).")
+        "with a matmul on GPUs (m2m_ray/train/flops.py), no train/mfu on CPUs (a rate measured on "
+        "shared cores is no peak).")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
 

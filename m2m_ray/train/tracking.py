@@ -190,11 +190,16 @@ class Trackers:
         self.flops_per_set = self.peak_tflops = None
         if rank == 0:
             self.flops_per_set = train_flops_per_set(model, cfg.data.images_per_set, dino)
-            self.peak_tflops = (cfg.tracking.peak_tflops
-                                or measure_peak_tflops(device, dtype or torch.float32))
-            log.info("MFU terms: %.3g TFLOP per set (forward + backward), peak %.1f TFLOP/s per "
+            # A matmul rate measured on shared CPU cores while the workers and the data tasks
+            # start is no peak (it gave "MFU 144%" on 2 cores): measured on GPUs only, otherwise
+            # MFU needs tracking.peak_tflops and the run reports train/tflops_per_s alone.
+            self.peak_tflops = cfg.tracking.peak_tflops or (
+                measure_peak_tflops(device, dtype or torch.float32)
+                if device.type == "cuda" else None)
+            log.info("MFU terms: %.3g TFLOP per set (forward + backward), peak %s TFLOP/s per "
                      "worker (%s)", self.flops_per_set / 1e12, self.peak_tflops,
-                     "tracking.peak_tflops" if cfg.tracking.peak_tflops else "measured matmul")
+                     "tracking.peak_tflops" if cfg.tracking.peak_tflops
+                     else "measured matmul" if self.peak_tflops else "none on CPU: no train/mfu")
 
     def mfu(self, metrics: dict[str, float]) -> dict[str, float]:
         """``train/mfu`` and ``train/tflops_per_s`` (per worker) for metrics with
@@ -202,10 +207,11 @@ class Trackers:
         if self.flops_per_set is None:
             return {}
         samples_per_s = metrics["train/samples_per_s"]
-        return {"train/mfu": mfu(self.flops_per_set, samples_per_s, self.world_size,
-                                 self.peak_tflops),
-                "train/tflops_per_s": self.flops_per_set * samples_per_s
-                / self.world_size / 1e12}
+        out = {"train/tflops_per_s": self.flops_per_set * samples_per_s / self.world_size / 1e12}
+        if self.peak_tflops is not None:
+            out["train/mfu"] = mfu(self.flops_per_set, samples_per_s, self.world_size,
+                                   self.peak_tflops)
+        return out
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Scalars at optimizer step ``step`` to every tracker."""
