@@ -116,15 +116,23 @@ def load_dino(model_id: str):
     pooler (the checkpoint has none). Raises ``FileNotFoundError`` naming the offline options."""
     from transformers import ViTModel
 
+    return _from_hub(ViTModel.from_pretrained, model_id, "DINO", "dino_model_id",
+                     "or null for no DINO score", add_pooling_layer=False)
+
+
+def _from_hub(load, model_id: str, what: str, key: str, alternative: str = "", **kwargs):
+    """``load(model_id, **kwargs)``; a failure (offline machine, missing cache) raises
+    ``FileNotFoundError`` saying how to get the model or run offline."""
+    hub_id = model_id if not model_id.startswith(("/", ".", "s3://")) else "<hub id>"
     try:
-        return ViTModel.from_pretrained(model_id, add_pooling_layer=False)
+        return load(model_id, **kwargs)
     except Exception as err:  # hub/cache errors come as OSError, ValueError or HTTP errors
         raise FileNotFoundError(
-            f"could not load DINO from {model_id!r} ({type(err).__name__}: {err}). Download it "
-            "once (huggingface-cli download facebook/dino-vits16) or set "
-            "extractors.dino_model_id to a local folder, or null for no DINO score; for an "
-            "offline run use --extractors.kind=tiny (numbers are then meaningless)."
-        ) from err
+            f"could not load {what} from {model_id!r} ({type(err).__name__}: {err}). This machine "
+            "may be offline or lack the model in its Hugging Face cache: download it once "
+            f"(huggingface-cli download {hub_id}) or set extractors.{key} to a local folder"
+            f"{', ' + alternative if alternative else ''}; for an offline run use "
+            "--extractors.kind=tiny (numbers are then meaningless).") from err
 
 
 def dino_processor():
@@ -148,17 +156,10 @@ def vit_name(config) -> str:
 
 
 def load_clip(model_id: str):
+    """A CLIP model from the hub or a local folder; ``FileNotFoundError`` naming the options."""
     from transformers import CLIPModel
 
-    try:
-        return CLIPModel.from_pretrained(model_id)
-    except Exception as err:  # hub/cache errors come as OSError, ValueError or HTTP errors
-        raise FileNotFoundError(
-            f"could not load CLIP from {model_id!r} ({type(err).__name__}: {err}). This machine "
-            "may be offline or lack the model in its Hugging Face cache: download it once "
-            "(huggingface-cli download ...) or set extractors.clip_model_id to a local folder; "
-            "for an offline run use --extractors.kind=tiny (numbers are then meaningless)."
-        ) from err
+    return _from_hub(CLIPModel.from_pretrained, model_id, "CLIP", "clip_model_id")
 
 
 def clip_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
