@@ -434,6 +434,23 @@ def test_resume_follows_the_new_schedule_and_refuses_what_cannot_change(mis, tmp
                                    m2m={"variant": "dino"}))
 
 
+def test_relative_local_paths_reach_the_workers_absolute(mis, tmp_path, monkeypatch):
+    """Ray Train runs workers in their own folder: a relative storage_path put the demo's
+    TensorBoard events under /tmp/ray/session_*/artifacts. The driver makes local paths absolute;
+    s3:// stays."""
+    from m2m_ray.train.trainer import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(mis, tmp_path, storage_path="runs/here", init_from="models/m",
+               tracking={"logging_dir": "tb"})
+    resolved = with_absolute_paths(cfg)
+    assert resolved.storage_path == str(tmp_path / "runs/here")
+    assert resolved.init_from == str(tmp_path / "models/m")
+    assert resolved.tracking.logging_dir == str(tmp_path / "tb")
+    remote = with_absolute_paths(_cfg(mis, tmp_path, storage_path="s3://bucket/runs"))
+    assert remote.storage_path == "s3://bucket/runs" and remote.init_from is None
+
+
 def test_configs_load_and_validate(tmp_path):
     for name, variant in (("m2m-self", "self"), ("m2m-dino", "dino")):
         cfg = load_config(TrainConfig, ROOT / f"configs/{name}.yaml")

@@ -93,7 +93,7 @@ def apply_optim_settings(optimizer: torch.optim.Optimizer, scheduler, optim: Opt
 # A resumed run may change how it continues (applied and logged), not what it trains: these
 # settings define the model, the data stream positions and the seeded draws of the checkpoint.
 FIXED_ON_RESUME = ("model", "m2m", "seed", "data.uri", "data.format", "data.split",
-                   "data.subset_sets", "data.images_per_set", "init_from")
+                   "data.subset_sets", "data.images_per_set")
 
 
 def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:

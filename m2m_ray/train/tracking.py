@@ -196,10 +196,12 @@ class Trackers:
             self.peak_tflops = cfg.tracking.peak_tflops or (
                 measure_peak_tflops(device, dtype or torch.float32)
                 if device.type == "cuda" else None)
-            log.info("MFU terms: %.3g TFLOP per set (forward + backward), peak %s TFLOP/s per "
-                     "worker (%s)", self.flops_per_set / 1e12, self.peak_tflops,
-                     "tracking.peak_tflops" if cfg.tracking.peak_tflops
-                     else "measured matmul" if self.peak_tflops else "none on CPU: no train/mfu")
+            peak = ("none on CPU without tracking.peak_tflops: no train/mfu"
+                    if self.peak_tflops is None else f"{self.peak_tflops:.1f} TFLOP/s per worker ("
+                    + ("tracking.peak_tflops" if cfg.tracking.peak_tflops else "measured matmul")
+                    + ")")
+            log.info("MFU terms: %.3g TFLOP per set (forward + backward), peak %s",
+                     self.flops_per_set / 1e12, peak)
 
     def mfu(self, metrics: dict[str, float]) -> dict[str, float]:
         """``train/mfu`` and ``train/tflops_per_s`` (per worker) for metrics with

@@ -111,6 +111,21 @@ def check_local_resources(cfg: TrainConfig, cpus: float) -> None:
             "or data.read.num_cpus")
 
 
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its local relative paths made absolute against the driver's working directory:
+    Ray Train runs each worker in its own folder (``/tmp/ray/session_*/artifacts/<run>``), so a
+    relative ``storage_path``, ``tracking.logging_dir`` or ``init_from`` would land there (the
+    TensorBoard events of ``storage_path: outputs/shapes/train`` did). URIs (s3://) stay."""
+    def absolute(uri: str | None) -> str | None:
+        if uri is None or storage.is_remote(uri):
+            return uri
+        return os.path.abspath(storage.split_uri(uri)[1])
+
+    tracking = cfg.tracking.model_copy(update={"logging_dir": absolute(cfg.tracking.logging_dir)})
+    return cfg.model_copy(update={"storage_path": absolute(cfg.storage_path),
+                                  "init_from": absolute(cfg.init_from), "tracking": tracking})
+
+
 def check_resume(cfg: TrainConfig) -> list[str]:
     """When the run already has a checkpoint: the settings that differ from the ones it was
     trained with, printed (the workers apply them: ``checkpoint.apply_optim_settings``); raises
@@ -135,6 +150,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     start = time.perf_counter()
     if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         check_local_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    cfg = with_absolute_paths(cfg)
     shards = training_shards(cfg)
     cfg, run_length = resolve_run_length(cfg, shards)
     check_resume(cfg)
