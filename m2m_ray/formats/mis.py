@@ -308,6 +308,15 @@ def committed_shards(root: str, fmt: Format, storage_cfg: StorageConfig | None =
             if fmt in stats["formats"]]
 
 
+def split_set_count(stats: dict[str, Any], split: str | None) -> int | None:
+    """Sets of ``split`` in a committed shard from its stats (None: all of them); None where the
+    stats predate per-split counts (``split_sets``)."""
+    if split is None:
+        return int(stats["sets"])
+    counts = stats.get("split_sets")
+    return None if counts is None else int(counts.get(split, 0))
+
+
 def shard_uris(root: str, fmt: Format, storage_cfg: StorageConfig | None = None) -> list[str]:
     """URIs of the committed shards of ``fmt`` under a MIS root, in shard order."""
     return [uri for uri, _ in committed_shards(root, fmt, storage_cfg)]

@@ -30,7 +30,7 @@ from m2m_ray.config import config_to_dict
 from m2m_ray.data.image_inputs import fit_square, open_image
 from m2m_ray.data.sets import local_set_rows, ray_set_dataset
 from m2m_ray.formats import generations as gen
-from m2m_ray.formats.mis import committed_shards
+from m2m_ray.formats.mis import committed_shards, split_set_count
 from m2m_ray.progress import JobProgress
 from m2m_ray.runtime import actor_pool_args, pick_device, torch_dtype
 from m2m_ray.sampling.config import GenerateJobConfig
@@ -158,14 +158,11 @@ def _count_input_sets(cfg: GenerateJobConfig, sets) -> int | None:
     inputs = cfg.inputs
     if not inputs.mis_uri or inputs.mis_shard:
         return sets.count()  # from_items: metadata only
-    stats = [s for _, s in committed_shards(inputs.mis_uri, inputs.mis_format, cfg.storage)]
-    if inputs.mis_split is None:
-        count = sum(int(s["sets"]) for s in stats)
-    elif all("split_sets" in s for s in stats):
-        count = sum(int(s["split_sets"].get(inputs.mis_split, 0)) for s in stats)
-    else:
+    counts = [split_set_count(s, inputs.mis_split)
+              for _, s in committed_shards(inputs.mis_uri, inputs.mis_format, cfg.storage)]
+    if None in counts:
         return None
-    return min(count, inputs.max_sets) if inputs.max_sets else count
+    return min(sum(counts), inputs.max_sets) if inputs.max_sets else sum(counts)
 
 
 def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from m2m_ray.data.training import (
     plan_stream,
     use_stored_latents,
 )
-from m2m_ray.formats.mis import committed_shards
+from m2m_ray.formats.mis import committed_shards, split_set_count
 from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.state import TrainerState, latest_checkpoint, read_trainer_state
 
@@ -93,7 +93,7 @@ def training_shards(cfg: TrainConfig) -> list[dict[str, Any]]:
     ``m`` counts the sets of ``data.split`` (None where the shard's stats predate per-split counts).
     With ``data.subset_sets``, only the shards of the subset (see ``choose_subset``). Raises
     ``FileNotFoundError`` when the dataset has no committed shard of ``data.format``."""
-    rows = [{"shard": uri, "sets": stats["sets"], "split_sets": split_sets(stats, cfg.data.split)}
+    rows = [{"shard": uri, "sets": stats["sets"], "split_sets": split_set_count(stats, cfg.data.split)}
             for uri, stats in committed_shards(cfg.data.uri, cfg.data.format, cfg.storage)]
     if not rows:
         raise FileNotFoundError(f"no committed {cfg.data.format} shards under {cfg.data.uri}/mis; "
@@ -102,14 +102,6 @@ def training_shards(cfg: TrainConfig) -> list[dict[str, Any]]:
     if cfg.data.subset_sets is not None:
         rows = choose_subset(rows, cfg.data.subset_sets, cfg.seed, "data.subset_sets")
     return rows
-
-
-def split_sets(stats: dict[str, Any], split: str | None) -> int | None:
-    """Sets of ``split`` in a shard from its stats (None: all); None if the stats do not say."""
-    if split is None:
-        return int(stats["sets"])
-    counts = stats.get("split_sets")
-    return None if counts is None else int(counts.get(split, 0))
 
 
 def counted_sets(rows: list[dict[str, Any]], why: str) -> int:
