@@ -8,9 +8,10 @@ pipelines/X.py`` runs with ``$RAY_ADDRESS`` set and joins that cluster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -94,3 +95,33 @@ def torch_dtype(name: DType, device: "torch.device") -> "torch.dtype":
     if device.type != "cuda":
         return torch.float32
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+@contextlib.contextmanager
+def task_errors_as(*kinds: type[BaseException]) -> Iterator[None]:
+    """Inside: an error of a Ray task or actor (``RayTaskError``, as Ray Data raises it on the
+    driver) or of a Ray Train worker (``WorkerGroupError.worker_failures``) whose cause is one of
+    ``kinds`` is raised as that kind with the cause's own message, not a message that is the
+    worker's whole traceback; ``raise ... from`` keeps that traceback. Other errors pass."""
+    try:
+        yield
+    except Exception as err:
+        cause = next((c for c in _causes(err) if c is not err and isinstance(c, kinds)
+                      and type(c).__module__ != "ray.exceptions"), None)
+        if cause is None:
+            raise
+        raise type(cause)(*cause.args) from err
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and what caused it: Ray's ``cause``, ``__cause__``, Ray Train's worker failures."""
+    seen, stack = set(), [err]
+    while stack:
+        error = stack.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
+        failures = getattr(error, "worker_failures", None) or {}
+        stack += [c for c in (*failures.values(), error.__cause__, getattr(error, "cause", None))
+                  if isinstance(c, BaseException)]

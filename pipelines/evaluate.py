@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = evaluate_generations(cfg, args.generations or generate.output_uri)
     summary = report["summary"]
     print(report["title"])
-    print(f"sets: {report['input']['sets_evaluated']} evaluated, "
-          f"{report['input']['sets_skipped']} skipped {report['input']['skip_reasons']}")
+    counts = report["input"]
+    print(f"sets: {counts['sets_evaluated']} evaluated of {counts['sets_total']} input sets, "
+          f"{counts['sets_skipped']} skipped {counts['skip_reasons']}"
+          + (f", {counts['sets_over_max_sets']} past protocol.max_sets"
+             if counts["sets_over_max_sets"] else ""))
     for key, stats in summary.items():
         mean, std = stats["mean"], stats["std"]
         print(f"{key}: " + ("n/a" if mean is None else f"{mean:.3f} ± {std:.3f}"))

@@ -270,3 +270,17 @@ def test_s3_round_trip(ray_cluster, s3_bucket, tokenizer, tmp_path):
         kept, key=lambda r: r["caption_id"]) if r["shard_id"] == shard]
     assert storage.list_files(f"s3://{bucket}/mis", cfg.storage, suffix=".json") == [
         f"s3://{bucket}/mis/captions_config.json", f"s3://{bucket}/mis/captions_stats.json"]
+
+
+@pytest.mark.timeout(300)
+def test_a_truncated_gzip_input_is_named(ray_cluster, tokenizer, tmp_path):
+    """A cut .gz caption file used to end stage 1 with a bare "EOFError: Compressed file ended
+    before the end-of-stream marker was reached" from a worker, naming no file."""
+    from m2m_ray.mis.captions_read import CaptionInputError
+
+    _, packed = write_crafted(tmp_path, crafted_rows(tokenizer))
+    cut = tmp_path / "cut.tsv.gz"
+    cut.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    with pytest.raises(CaptionInputError, match=rf"^cannot read caption input {cut} .*EOFError: "
+                                                r".*gzip -t"):
+        run_captions_stage(config(str(tmp_path / "out"), [str(cut)]))

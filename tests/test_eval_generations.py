@@ -23,9 +23,12 @@ def _roundtrip(root: str, storage: StorageConfig | None):
                                            "split": "test"}, storage)
     second = gen.save_set(root, "7", None, [Image.new("RGB", (16, 16), "red")] * 2,
                           _images(rng, 1), storage=storage, image_format="jpeg")
-    gen.write_index(root, [first, second], storage)
+    skipped = [{"set_id": "9", "reason": "unreadable context image x.jpg"}]
+    gen.write_index(root, [first, second], storage, skipped)
     back = gen.read_generations(root, storage)
-    assert back == [first, second]
+    assert back == [first, second] and gen.read_skipped(root, storage) == skipped
+    with pytest.raises(ValueError, match="set_id '7' appears twice"):
+        gen.write_index(root, [first, second], storage, [{"set_id": "7", "reason": "r"}])
     assert first.context[0] == "images/4294967297/context_00.png"
     assert first.generated == [f"images/4294967297/gen_{k:02d}.png" for k in (1, 2, 3)]
     image = gen.load_image(gen.image_uri(root, first.generated[2]), storage)
@@ -64,3 +67,15 @@ def test_roundtrip_local_and_format_errors(tmp_path):
 def test_roundtrip_on_s3(s3_bucket):
     endpoint, bucket = s3_bucket
     _roundtrip(f"s3://{bucket}/run1/gens", StorageConfig(endpoint_url=endpoint))
+
+
+def test_skipped_sets_file_is_optional_and_checked(tmp_path):
+    """A folder from another tool has no skipped.jsonl (no known skips); a malformed line is an
+    error naming it."""
+    root = tmp_path / "gens"
+    root.mkdir()
+    assert gen.read_skipped(str(root)) == []
+    (root / gen.SKIPPED_FILE).write_text('{"set_id": "1", "reason": "r"}\n{"set_id": "2"}\n')
+    with pytest.raises(gen.GenerationsFormatError, match=r"skipped.jsonl line 2: .*set_id and "
+                                                         "reason"):
+        gen.read_skipped(str(root))

@@ -204,6 +204,6 @@ def test_evaluate_pipeline_end_to_end(folder, ray_local, tmp_path):
     assert saved["image_formats"]["generated"] == {"png": GOOD_SETS * M}
     assert saved["warnings"] == []
     assert "| m2m-test | " in markdown and "| unreadable image | 1 |" in markdown
-    assert f"- sets: {GOOD_SETS} evaluated of 44, 4 skipped" in markdown
+    assert f"- sets: {GOOD_SETS} evaluated of 44 input sets, 4 skipped" in markdown
     with Image.open(report["files"]["png"]) as plot:
         assert plot.format == "PNG" and plot.size[0] > plot.size[1] > 100

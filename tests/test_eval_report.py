@@ -23,7 +23,8 @@ def _rows(M: int = 2) -> list[dict]:
 
 def _report(cfg: EvalConfig, generated: dict[str, int]) -> dict:
     return build_report(cfg=cfg, generations_uri="s3://bucket/gens", sets_total=10,
-                        sets_evaluated=10, skipped=[], splits={"test": 10}, per_k=_rows(),
+                        sets_evaluated=10, skipped=[], sets_over_max_sets=0, splits={"test": 10},
+                        per_k=_rows(),
                         extractors=describe_extractors(cfg.extractors),
                         image_formats={"context": {"png": 40}, "generated": generated},
                         method="M2M-Self", wall_s=1.0)

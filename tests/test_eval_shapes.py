@@ -58,7 +58,7 @@ def test_shapes_report_names_what_it_measured():
              "clip_text": 90.0, "clip_text_images": 2, "clip_image": 80.0,
              "clip_image_images": 2, "dino": None, "dino_images": 0}]
     report = build_report(cfg=cfg, generations_uri="g", sets_total=2, sets_evaluated=2,
-                          skipped=[], splits={"test": 2}, per_k=rows,
+                          skipped=[], sets_over_max_sets=0, splits={"test": 2}, per_k=rows,
                           extractors=describe_extractors(cfg.extractors),
                           image_formats={"context": {"png": 8}, "generated": {"png": 2}},
                           method="M2M-Self", wall_s=1.0)

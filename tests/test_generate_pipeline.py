@@ -47,9 +47,11 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def write_mis(root: str, num_sets: int = 6, images_per_set: int = 6) -> list[int]:
-    """One committed Parquet shard of MIS sets (flat-colour JPEGs); every third set is train."""
-    writer = ShardWriter(MISLayout(root), 0, ["parquet"])
+def write_mis(root: str, num_sets: int = 6, images_per_set: int = 6, broken: tuple = (),
+              formats: tuple = ("parquet",)) -> list[int]:
+    """One committed shard of MIS sets (flat-colour JPEGs); every third set is train; the sets
+    whose caption id is in ``broken`` have an undecodable first image. Returns the test ids."""
+    writer = ShardWriter(MISLayout(root), 0, list(formats))
     records, ids = [], []
     for i in range(num_sets):
         cid = caption_id(0, i + 1)
@@ -58,6 +60,8 @@ def write_mis(root: str, num_sets: int = 6, images_per_set: int = 6) -> list[int
             buffer = io.BytesIO()
             Image.new("RGB", (64, 64), (40 * i % 256, 30 * j % 256, 128)).save(buffer, "JPEG")
             images.append(buffer.getvalue())
+        if cid in broken:
+            images[0] = b"not a JPEG"
         split = "train" if i % 3 == 0 else "test"
         records.append(SetRecord(cid, 0, split, f"set number {i}", f"http://x/{i}",
                                  list(range(images_per_set)), images, "jpg", None,
@@ -211,7 +215,10 @@ def test_generate_then_evaluate_end_to_end(ray_local, tmp_path, model_dir):
     → evaluation → the three report files."""
     import evaluate  # pipelines/evaluate.py
 
-    test_ids = write_mis(str(tmp_path / "mis"))
+    test_ids = [caption_id(0, i + 1) for i in range(6) if i % 3]  # write_mis's test split
+    chosen = choose_caption_ids(test_ids, 3, seed=0).tolist()
+    broken = chosen[1]  # its context cannot be read: the generation skips it
+    assert write_mis(str(tmp_path / "mis"), broken=(broken,)) == test_ids
     gens = tmp_path / "gens"
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny", "evaluate.yaml")
     report = evaluate.main([
@@ -222,14 +229,67 @@ def test_generate_then_evaluate_end_to_end(ray_local, tmp_path, model_dir):
         "--generate.actors.max_actors=1", "--actors.max_actors=1"])
     records = gen.read_generations(str(gens))
     # the Ray Data path chooses the same random 3 test sets as the local one
-    assert [int(r.set_id) for r in records] == choose_caption_ids(test_ids, 3, seed=0).tolist()
+    assert [int(r.set_id) for r in records] == [cid for cid in chosen if cid != broken]
     assert all(len(r.context) == 2 and len(r.generated) == 2 for r in records)
-    assert report["input"]["sets_evaluated"] == 3 and report["input"]["split"] == {"test": 3}
+    # the set that fell out in generation is in the report's denominators, with its reason
+    # (it used to say "2 evaluated of 2, 0 skipped")
+    counts = report["input"]
+    assert (counts["sets_total"], counts["sets_evaluated"], counts["sets_skipped"]) == (3, 2, 1)
+    assert counts["split"] == {"test": 2} and counts["skip_reasons"] == {"not generated": 1}
+    [skip] = counts["skipped"]
+    assert skip["set_id"] == str(broken) and "image" in skip["reason"]
+    assert gen.read_skipped(str(gens)) == [{"set_id": str(broken), "reason": skip["reason"]}]
     assert [row["k"] for row in report["per_k"]] == [1, 2]
     assert report["files"] == {ext: os.path.join(str(gens), "eval", f"report.{ext}")
                                for ext in ("json", "md", "png")}
     assert all(os.path.getsize(path) > 0 for path in report["files"].values())
     markdown = open(report["files"]["md"]).read()
     assert "| M2M-Self | " in markdown and "TINY RANDOM EXTRACTORS" in markdown
+    assert "- sets: 2 evaluated of 3 input sets, 1 skipped" in markdown
+    assert f"- `{broken}`: " in markdown
     with pytest.raises(SystemExit):  # both entries at once is an error
         evaluate.main(["--config", config, f"--generations={gens}"])
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_ray_engine_read_errors_name_the_shard(ray_local, tmp_path, model_dir):
+    """A truncated Parquet shard into pipelines/evaluate.py used to end with a bare "ArrowInvalid:
+    Parquet magic bytes not found in footer", a truncated tar into generate.py --engine=ray with a
+    bare tarfile.ReadError, and a tar cut between two sets was read as a shorter, valid shard.
+    Each is now the readers' CorruptShardError naming the shard and what to do."""
+    import evaluate  # pipelines/evaluate.py
+
+    from m2m_ray.formats.mis import CorruptShardError
+
+    root = str(tmp_path / "mis")
+    write_mis(root, formats=("parquet", "webdataset"))
+    layout = MISLayout(root)
+    with open(layout.parquet(0), "r+b") as f:
+        f.truncate(os.path.getsize(layout.parquet(0)) - 100)
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny", "evaluate.yaml")
+    with pytest.raises(CorruptShardError, match=rf"^cannot read Parquet shard "
+                                                rf"{layout.parquet(0)}: ArrowInvalid: .*"
+                                                r"python -m m2m_ray.mis.verify"):
+        evaluate.main(["--config", config, f"--generate.model_path={model_dir}",
+                       f"--generate.inputs.mis_uri={root}", f"--generate.output_uri={tmp_path}/g",
+                       "--protocol.context_images=2", "--protocol.generated_images=2"])
+    ray_args = [f"--model_path={model_dir}", f"--inputs.mis_uri={root}",
+                "--inputs.mis_format=webdataset", "--inputs.context_images=2", "--engine=ray",
+                "--actors.num_gpus=0", "--actors.max_actors=1", *FAST]
+    with open(layout.webdataset(0), "rb") as f:
+        whole = f.read()
+    with open(layout.webdataset(0), "wb") as f:
+        f.write(whole[: len(whole) // 2 + 100])  # inside a member
+    with pytest.raises(CorruptShardError, match=rf"^cannot read WebDataset shard "
+                                                rf"{layout.webdataset(0)}: ReadError"):
+        generate.main([*ray_args, f"--output_uri={tmp_path}/g1"])
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        cut = [m.offset for m in tar.getmembers() if m.name.endswith(".json")][3]
+    with open(layout.webdataset(0), "wb") as f:
+        f.write(whole[:cut])  # exactly between two sets: a valid tar of 3 of the 6 sets
+    with pytest.raises(CorruptShardError, match=rf"^shard {layout.webdataset(0)}: 3 sets read "
+                                                "but its stats committed 6"):
+        generate.main([*ray_args, f"--output_uri={tmp_path}/g2"])

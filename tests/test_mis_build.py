@@ -110,7 +110,15 @@ def test_formats_agree_and_standard_tools_read_them(built):
     # pyarrow, no project code
     table = pq.read_table(layout.parquet(0))
     assert table.num_rows == 3 and len(table.column("images")[0]) == N_IMAGES
-    # Ray Data's own readers, both formats, same rows
+    # Ray Data's own readers, no project code
+    import ray
+
+    ray_parquet = ray.data.read_parquet(layout.parquet(0)).take_all()
+    ray_wds = ray.data.read_webdataset(layout.webdataset(0), decoder=None).take_all()
+    assert [list(r["images"]) for r in ray_parquet] == [
+        [r[f"{i:02d}.jpg"] for i in range(N_IMAGES)] for r in ray_wds]
+    # the project's Ray Dataset of MIS (read_mis: its guarded readers in Ray Data tasks), both
+    # formats, same rows
     by_parquet = {r["caption_id"]: r for r in read_mis(cfg.output_uri, "parquet").take_all()}
     by_wds = {r["caption_id"]: r for r in read_mis(cfg.output_uri, "webdataset").take_all()}
     assert by_parquet.keys() == by_wds.keys() and len(by_parquet) == 7

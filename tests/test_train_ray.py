@@ -161,3 +161,10 @@ def test_truncated_shard_fails_the_stream_naming_the_shard(ray_local, tmp_path):
             pass
     assert f"cannot read Parquet shard {truncated}" in str(failure.value)
     assert "CorruptShardError" in str(failure.value)
+    # through the trainer: the readers' error itself, not Ray Train's WorkerGroupError whose
+    # message is the worker's traceback
+    from m2m_ray.formats.mis import CorruptShardError
+
+    with pytest.raises(CorruptShardError, match=rf"^cannot read Parquet shard {truncated}: "
+                                                r"ArrowInvalid: .*data.on_bad_data=skip"):
+        run_training(_config(tmp_path, mis, "bad_run", "--max_failures=0"))

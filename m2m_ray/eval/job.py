@@ -39,7 +39,7 @@ from m2m_ray.eval.stats import (
     softmax64,
 )
 from m2m_ray.formats import generations as gen
-from m2m_ray.runtime import actor_pool_args, pick_device
+from m2m_ray.runtime import actor_pool_args, pick_device, task_errors_as
 
 SKIPPED = -1  # group of the rows that stand for a skipped set
 CONTEXT = 0   # group of the real preceding images; k = 1..M are the generated ones
@@ -261,7 +261,11 @@ def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any
     extractors = describe_extractors(cfg.extractors)  # before any Ray work: names every backbone
     resizes = tuple(extractors["fid"]["resizes"])
     sets = gen.read_generations(generations_uri, cfg.storage)
+    # Sets that fell out in the generation step count in the denominators, with their reason.
+    not_generated = [{"set_id": s["set_id"], "kind": "not generated", "reason": s["reason"]}
+                     for s in gen.read_skipped(generations_uri, cfg.storage)]
     selected, skipped = select_sets(sets, cfg)
+    over_max_sets = len(sets) - len(selected) - len(skipped)
     if skipped and cfg.on_bad_set == "error":
         listed = "; ".join(f"{s['set_id']}: {s['reason']}" for s in skipped[:5])
         raise EvalInputError(f"{len(skipped)} of {len(sets)} sets in {generations_uri!r} cannot "
@@ -280,7 +284,9 @@ def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any
         partials = features.sort("group").map_batches(
             reduce_partials, fn_kwargs={"is_splits": cfg.is_splits, "resizes": resizes},
             batch_size=cfg.reduce_batch_rows, batch_format="numpy")
-        for batch in partials.iter_batches(batch_size=1, batch_format="numpy"):
+        with task_errors_as(EvalInputError):  # the set and image named, not an actor's traceback
+            batches = list(partials.iter_batches(batch_size=1, batch_format="numpy"))
+        for batch in batches:
             group, payload = int(batch["group"][0]), pickle.loads(batch["stats"][0])
             if group == SKIPPED:
                 skipped.extend({"set_id": s, "kind": "unreadable image", "reason": r}
@@ -297,8 +303,9 @@ def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any
         splits[name] = splits.get(name, 0) + 1
     models = {str(s.meta.get("model")) for s in evaluated if s.meta.get("model")}
     report = build_report(
-        cfg=cfg, generations_uri=generations_uri, sets_total=len(sets),
-        sets_evaluated=len(evaluated), skipped=skipped, splits=splits,
+        cfg=cfg, generations_uri=generations_uri, sets_total=len(sets) + len(not_generated),
+        sets_evaluated=len(evaluated), skipped=not_generated + skipped,
+        sets_over_max_sets=over_max_sets, splits=splits,
         per_k=metrics_per_k(groups, M, resizes), extractors=extractors,
         image_formats=image_formats(evaluated, K, M),
         method=models.pop() if len(models) == 1 else None, wall_s=time.time() - started)

@@ -55,12 +55,19 @@ def _mean_std(values: list[float | None]) -> dict[str, Any]:
 
 
 def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
-                 sets_evaluated: int, skipped: list[dict[str, str]], splits: dict[str, int],
+                 sets_evaluated: int, skipped: list[dict[str, str]], sets_over_max_sets: int,
+                 splits: dict[str, int],
                  per_k: list[dict[str, Any]], extractors: dict[str, Any],
                  image_formats: dict[str, dict[str, int]], method: str | None,
                  wall_s: float) -> dict[str, Any]:
     """The report dict. ``extractors``: ``describe_extractors(cfg.extractors)`` (every backbone
-    and resize); ``per_k``: ``job.metrics_per_k`` rows; ``image_formats``: ``job.image_formats``."""
+    and resize); ``per_k``: ``job.metrics_per_k`` rows; ``image_formats``: ``job.image_formats``.
+    The input counts add up: ``sets_total`` (the generation's input sets) = evaluated + skipped
+    (in generation or in evaluation, each with its reason) + ``sets_over_max_sets`` (readable
+    sets past ``protocol.max_sets``)."""
+    if sets_evaluated + len(skipped) + sets_over_max_sets != sets_total:
+        raise ValueError(f"set counts do not add up: {sets_evaluated} evaluated + {len(skipped)} "
+                         f"skipped + {sets_over_max_sets} over max_sets != {sets_total} input sets")
     tiny, kind = cfg.extractors.kind == "tiny", cfg.extractors.kind
     metrics = metrics_of(extractors, kind)
     titles = ", ".join(title for _, title, _ in metrics)
@@ -80,6 +87,7 @@ def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
             "sets_total": sets_total,
             "sets_evaluated": sets_evaluated,
             "sets_skipped": len(skipped),
+            "sets_over_max_sets": sets_over_max_sets,
             "skip_reasons": dict(Counter(s["kind"] for s in skipped)),
             "skipped": skipped[:MAX_LISTED_SKIPS],
             "split": splits,
@@ -152,8 +160,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                         for group, counts in report["image_formats"].items())
     lines += [
         f"- generations: `{inp['generations_uri']}`",
-        f"- sets: {inp['sets_evaluated']} evaluated of {inp['sets_total']}, "
-        f"{inp['sets_skipped']} skipped",
+        f"- sets: {inp['sets_evaluated']} evaluated of {inp['sets_total']} input sets, "
+        f"{inp['sets_skipped']} skipped"
+        + (f", {inp['sets_over_max_sets']} past protocol.max_sets"
+           if inp.get("sets_over_max_sets") else ""),
         f"- split of the evaluated sets: {split} (expected: {inp['expected_split']})",
         f"- K = {proto['context_images']} context images, M = {proto['generated_images']} "
         "generated images per set",

@@ -14,11 +14,16 @@ evaluation reads ``meta["split"]`` ("train"/"test", see m2m_ray.formats.ids.spli
 split than ``EvalConfig.protocol.split`` is skipped) and ``meta["model"]`` (the method name in the
 report's Table 1 row) when present.
 
+Beside the index, ``skipped.jsonl`` lists the input sets that fell out during generation, one
+``{"set_id": ..., "reason": ...}`` per line (an unreadable context image, non-finite output), so
+that evaluation counts every input set: its report's denominators are the index's sets plus these.
+A folder without the file (another tool's) has no known skips.
+
 Writers (sampler side): ``save_set`` writes one set's images and returns its record; it runs
 wherever the images are (a Ray actor). ``write_index`` writes ``generations.jsonl`` from all
-records once, atomically, on the driver. Readers (evaluation side): ``read_generations`` parses
-and validates the index, ``image_uri`` turns a relative path into a URI, ``load_image`` decodes
-one image.
+records, and ``skipped.jsonl``, once, on the driver. Readers (evaluation side):
+``read_generations`` parses and validates the index, ``read_skipped`` the skips, ``image_uri``
+turns a relative path into a URI, ``load_image`` decodes one image.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig
 
 INDEX_FILE = "generations.jsonl"
+SKIPPED_FILE = "skipped.jsonl"
 IMAGE_DIR = "images"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 _FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg")}
@@ -137,16 +143,43 @@ def save_set(root_uri: str, set_id: str, caption: str | None,
 
 
 def write_index(root_uri: str, sets: Sequence[GenerationSet],
-                storage: "StorageConfig | None" = None) -> str:
-    """Write ``generations.jsonl`` (one record per set, in the given order); returns its URI."""
+                storage: "StorageConfig | None" = None,
+                skipped: Sequence[dict[str, str]] = ()) -> str:
+    """Write ``generations.jsonl`` (one record per set, in the given order) and ``skipped.jsonl``
+    (``skipped``: ``{"set_id", "reason"}`` of the input sets not generated; may be empty);
+    returns the index's URI. Raises ``ValueError`` for a set id used twice across both."""
     seen: set[str] = set()
-    for record in sets:
-        if record.set_id in seen:
-            raise ValueError(f"set_id {record.set_id!r} appears twice; each set needs its own id")
-        seen.add(record.set_id)
+    for set_id in [r.set_id for r in sets] + [str(s["set_id"]) for s in skipped]:
+        if set_id in seen:
+            raise ValueError(f"set_id {set_id!r} appears twice; each set needs its own id")
+        seen.add(set_id)
+    lines = [json.dumps({"set_id": str(s["set_id"]), "reason": str(s["reason"])},
+                        ensure_ascii=False) + "\n" for s in skipped]
+    st.write_bytes(st.join(root_uri, SKIPPED_FILE), "".join(lines).encode("utf-8"), storage)
     uri = st.join(root_uri, INDEX_FILE)
     st.write_bytes(uri, "".join(r.to_json() + "\n" for r in sets).encode("utf-8"), storage)
     return uri
+
+
+def read_skipped(root_uri: str, storage: "StorageConfig | None" = None) -> list[dict[str, str]]:
+    """``{"set_id", "reason"}`` of the input sets that fell out during generation
+    (``<root>/skipped.jsonl``; [] when the folder has no such file). A malformed line raises
+    ``GenerationsFormatError`` naming it."""
+    uri = st.join(root_uri, SKIPPED_FILE)
+    if not st.exists(uri, storage):
+        return []
+    skipped = []
+    for number, line in enumerate(st.read_bytes(uri, storage).decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            skipped.append({"set_id": str(obj["set_id"]), "reason": str(obj["reason"])})
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise GenerationsFormatError(f"{uri} line {number}: expected a JSON object with "
+                                         f"set_id and reason ({type(err).__name__}: {err})"
+                                         ) from None
+    return skipped
 
 
 def read_generations(root_uri: str,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import tarfile
-from collections import defaultdict
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -31,8 +30,11 @@ from m2m_ray.formats.mis import (
     Format,
     committed_shards,
     npy_to_latents,
-    shard_uris,
 )
+
+# What a user can do about a bad shard, appended to every read error of this module.
+BAD_SHARD_HELP = ("Check the dataset with python -m m2m_ray.mis.verify <MIS root> (it lists every "
+                  "bad shard); training can skip bad shards and sets with data.on_bad_data=skip")
 
 
 def decode_latents(data: bytes, where: str) -> np.ndarray:
@@ -42,12 +44,11 @@ def decode_latents(data: bytes, where: str) -> np.ndarray:
         latents = npy_to_latents(data)
     except Exception as err:  # numpy raises ValueError, EOFError, OSError... for broken .npy bytes
         raise CorruptShardError(f"{where}: stored latents ({len(data)} bytes) cannot be decoded: "
-                                f"{type(err).__name__}: {err}. Check the dataset with python -m "
-                                "m2m_ray.mis.verify; training can skip such sets with "
-                                "data.on_bad_data=skip") from err
+                                f"{type(err).__name__}: {str(err).rstrip('.')}. {BAD_SHARD_HELP}"
+                                ) from err
     if latents.ndim != 4 or not np.issubdtype(latents.dtype, np.floating):
         raise CorruptShardError(f"{where}: stored latents have shape {latents.shape} and dtype "
-                                f"{latents.dtype}, not float [n, 4, h, w]")
+                                f"{latents.dtype}, not float [n, 4, h, w]. {BAD_SHARD_HELP}")
     return latents
 
 
@@ -57,7 +58,9 @@ def decode_json(data: bytes | str, where: str) -> Any:
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as err:
-        raise CorruptShardError(f"{where}: stored JSON cannot be decoded: {err}") from err
+        raise CorruptShardError(f"{where}: stored JSON cannot be decoded: {str(err).rstrip('.')}. "
+                                f"{BAD_SHARD_HELP}"
+                                ) from err
 
 
 def _parquet_row_to_sample(row: dict[str, Any], uri: str,
@@ -89,7 +92,9 @@ def _parquet_rows(uri: str, storage_cfg: StorageConfig | None,
                                                 columns=columns_for(shard, group)):
                     yield from batch.to_pylist()
     except (OSError, ValueError, pa.ArrowException) as err:
-        raise CorruptShardError(f"cannot read Parquet shard {uri}: {type(err).__name__}: {err}") from err
+        raise CorruptShardError(f"cannot read Parquet shard {uri}: {type(err).__name__}: "
+                                f"{str(err).rstrip('.')}. "
+                                f"{BAD_SHARD_HELP}") from err
 
 
 def iter_parquet_shard(uri: str, storage_cfg: StorageConfig | None = None) -> Iterator[dict]:
@@ -117,21 +122,25 @@ def iter_webdataset_shard(uri: str, storage_cfg: StorageConfig | None = None,
             if key is not None:
                 yield _wds_group_to_sample(uri, key, members, decode)
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise CorruptShardError(f"cannot read WebDataset shard {uri}: {type(err).__name__}: {err}") from err
+        raise CorruptShardError(f"cannot read WebDataset shard {uri}: {type(err).__name__}: "
+                                f"{str(err).rstrip('.')}. "
+                                f"{BAD_SHARD_HELP}") from err
 
 
 def _wds_group_to_sample(uri: str, key: str, members: dict[str, bytes],
                          decode: bool = True) -> dict[str, Any]:
     """One set's members → a sample; ``decode=False`` leaves ``latents`` as the stored bytes."""
     if "json" not in members:
-        raise CorruptShardError(f"WebDataset shard {uri}: set {key} has no json member")
+        raise CorruptShardError(f"WebDataset shard {uri}: set {key} has no json member. "
+                                f"{BAD_SHARD_HELP}")
     where = f"WebDataset shard {uri}: set {key}"
     header = decode_json(members["json"], where)
     ext = header["image_ext"]
     images = [members.get(f"{i:02d}.{ext}") for i in range(len(header["seeds"]))]
     if any(image is None for image in images):
         missing = [i for i, image in enumerate(images) if image is None]
-        raise CorruptShardError(f"WebDataset shard {uri}: set {key} lacks images {missing}")
+        raise CorruptShardError(f"WebDataset shard {uri}: set {key} lacks images {missing}. "
+                                f"{BAD_SHARD_HELP}")
     latents = members.get("latents.npy")
     return _header_sample(header, images, None if latents is None or not decode
                           else decode_latents(latents, where))
@@ -202,46 +211,53 @@ def check_set_count(uri: str, read: int, committed: int) -> None:
     if read != committed:
         raise CorruptShardError(f"shard {uri}: {read} sets read but its stats committed "
                                 f"{committed}: the file was truncated or changed after it was "
-                                "committed; rebuild it (python -m m2m_ray.mis.verify lists such "
-                                "shards)")
-
-
-def _wds_rows_to_samples(batch: dict[str, Any]) -> dict[str, list]:
-    """Ray Data's ``read_webdataset`` rows (one column per member) → MIS sample columns."""
-    out: dict[str, list] = defaultdict(list)
-    for i, raw_header in enumerate(batch["json"]):
-        header = json.loads(raw_header) if isinstance(raw_header, (bytes, str)) else raw_header
-        images = [batch[f"{j:02d}.{header['image_ext']}"][i] for j in range(len(header["seeds"]))]
-        latents = batch.get("latents.npy")
-        sample = _header_sample(header, images, None if latents is None else latents[i])
-        sample.pop("image_ext")  # the Parquet columns have none; metadata stays a JSON string
-        sample["metadata"] = json.dumps(header["metadata"], sort_keys=True)
-        for key, value in sample.items():
-            out[key].append(value)
-    return dict(out)
+                                f"committed. {BAD_SHARD_HELP}")
 
 
 def read_mis(root: str, fmt: Format = "parquet", storage_cfg: StorageConfig | None = None,
              split: str | None = None, columns: list[str] | None = None):
-    """The committed shards as a Ray Dataset with the sample columns (``latents`` as .npy bytes,
-    ``metadata`` as a JSON string), read by Ray Data's own Parquet / WebDataset readers;
-    ``columns``: only these (Parquet reads no others; WebDataset reads whole shards), which must
-    include ``split`` when ``split`` is given."""
+    """The committed shards as a Ray Dataset of MIS rows (the sample columns, ``latents`` as the
+    stored .npy bytes or None, ``metadata`` as a JSON string), optionally of one ``split`` and
+    only some ``columns`` (Parquet reads no others; WebDataset reads whole shards), which must
+    include ``split`` when ``split`` is given.
+
+    One Ray Data task per shard reads it through this module's guarded readers (pyarrow, tarfile)
+    rather than ``ray.data.read_parquet`` / ``read_webdataset``: those name no file in their errors
+    (a truncated shard ends a job with a bare ``ArrowInvalid`` or ``tarfile.ReadError``) and cannot
+    check a shard's set count against its committed stats, so a tar cut between two sets would
+    read as a shorter, valid shard. Here any such shard raises ``CorruptShardError`` naming it,
+    whichever engine reads the dataset. Raises ``FileNotFoundError`` when no shard is committed."""
     import ray
 
-    uris = shard_uris(root, fmt, storage_cfg)
-    if not uris:
+    shards = committed_shards(root, fmt, storage_cfg)
+    if not shards:
         raise FileNotFoundError(f"no committed {fmt} shards under {root}/mis; build MIS first "
                                 "(pipelines/build_mis.py) or check the format and the path")
-    fs, _ = storage.pyarrow_filesystem(uris[0], storage_cfg)
-    paths = [storage.split_uri(u)[1] for u in uris]
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+    items = [{"uri": uri, "sets": int(stats["sets"])} for uri, stats in shards]
+    return ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+        _shard_rows, fn_kwargs={"storage_cfg": storage_cfg, "split": split, "columns": columns})
+
+
+def _shard_rows(item: dict[str, Any], storage_cfg: StorageConfig | None, split: str | None,
+                columns: list[str] | None) -> Iterator[dict[str, Any]]:
+    """``read_mis``'s task: the MIS rows of one shard (``item``: uri, committed set count)."""
+    uri = item["uri"]
+    if uri.endswith(".parquet"):
+        rows: Iterator[dict[str, Any]] = _parquet_rows(uri, storage_cfg,
+                                                       lambda shard, group: columns)
     else:
-        ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None).map_batches(
-            _wds_rows_to_samples, batch_format="default")
-        if columns is not None:
-            ds = ds.select_columns(columns)
-    if split is not None:
-        ds = ds.filter(expr=f"split == {split!r}")
-    return ds
+        rows = (_stored_row(s) for s in iter_webdataset_shard(uri, storage_cfg, decode=False))
+    read = 0
+    for row in rows:
+        read += 1
+        if split is None or row["split"] == split:
+            yield row if columns is None else {key: row[key] for key in columns}
+    check_set_count(uri, read, item["sets"])
+
+
+def _stored_row(sample: dict[str, Any]) -> dict[str, Any]:
+    """A WebDataset sample (``decode=False``) → the Parquet row layout: metadata a JSON string,
+    no ``image_ext`` (the Parquet columns have none)."""
+    row = {key: value for key, value in sample.items() if key != "image_ext"}
+    row["metadata"] = json.dumps(sample["metadata"], sort_keys=True)
+    return row

@@ -57,6 +57,7 @@ from m2m_ray.mis.captions_filter import (
     write_shards,
 )
 from m2m_ray.mis.captions_read import (
+    CaptionInputError,
     ReadUnit,
     count_range_lines,
     plan_ranges,
@@ -68,7 +69,7 @@ from m2m_ray.mis.resume import (
     captions_digest,
     check_captions_rerun,
 )
-from m2m_ray.runtime import actor_pool_args
+from m2m_ray.runtime import actor_pool_args, task_errors_as
 from m2m_ray.storage import save_config
 
 if TYPE_CHECKING:
@@ -111,10 +112,11 @@ def _plan_units(cfg: "BuildMISConfig", files: list[str]) -> list[ReadUnit]:
     counts: dict[tuple[int, int], int] = {}
     if to_count:
         # Counting newlines is I/O-bound and fast: a few ranges per task keep overheads low.
-        counted = _units_dataset(to_count, 2 * _cluster_cpus()).map_batches(
-            count_lines, batch_size=None, batch_format="pyarrow",
-            fn_kwargs={"storage_cfg": cfg.storage}, num_cpus=cfg.captions.actors.num_cpus,
-        ).take_all()
+        with task_errors_as(CaptionInputError):  # the file named, not a worker's traceback
+            counted = _units_dataset(to_count, 2 * _cluster_cpus()).map_batches(
+                count_lines, batch_size=None, batch_format="pyarrow",
+                fn_kwargs={"storage_cfg": cfg.storage}, num_cpus=cfg.captions.actors.num_cpus,
+            ).take_all()
         counts = {(r["file_index"], r["range_index"]): r["lines"] for r in counted}
     return plan_shard_units(ranges, counts, cfg.captions.lines_per_shard)
 
@@ -216,7 +218,8 @@ def run_captions_stage(cfg: "BuildMISConfig") -> dict[str, Any]:
                 fn_kwargs={"output_uri": cfg.output_uri, "storage_cfg": cfg.storage,
                            "files": files},
             )
-        shard_rows = ds.take_all()
+        with task_errors_as(CaptionInputError):
+            shard_rows = ds.take_all()
     finished = time.perf_counter()
 
     stats = _aggregate(shard_rows, files)

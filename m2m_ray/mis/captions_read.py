@@ -18,8 +18,10 @@ A ``.gz`` file cannot be entered in the middle: it is one unit, starting at line
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import zlib
 from dataclasses import asdict, dataclass, replace
 from typing import IO, TYPE_CHECKING, Any, Iterator
 
@@ -117,6 +119,24 @@ def plan_shard_units(ranges: list[ReadUnit], counts: dict[tuple[int, int], int],
     return units
 
 
+class CaptionInputError(ValueError):
+    """A caption input file that cannot be read; the message names it and what to do."""
+
+
+@contextlib.contextmanager
+def reading(unit: ReadUnit) -> Iterator[None]:
+    """Inside: an I/O or decompression error while reading ``unit``'s file is raised as
+    ``CaptionInputError`` naming the file (a truncated ``.gz`` otherwise ends the job with a bare
+    ``EOFError: Compressed file ended before the end-of-stream marker was reached``)."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error) as err:
+        raise CaptionInputError(
+            f"cannot read caption input {unit.uri} (bytes {unit.start}-{unit.end}): "
+            f"{type(err).__name__}: {str(err).rstrip('.')}. Replace the file with a whole copy "
+            "(a .gz must pass gzip -t) or leave it out of captions.inputs") from err
+
+
 def open_unit(unit: ReadUnit, storage_cfg: "StorageConfig | None") -> IO[bytes]:
     fs, path = storage.fsspec_filesystem(unit.uri, storage_cfg)
     if unit.compressed:
@@ -129,7 +149,7 @@ def count_range_lines(unit: ReadUnit, storage_cfg: "StorageConfig | None") -> in
     ``[start - 1, end - 1)`` that is not the file's last byte."""
     first, stop = max(unit.start - 1, 0), min(unit.end - 1, unit.size - 1)
     count = 1 if unit.start == 0 else 0
-    with open_unit(unit, storage_cfg) as f:
+    with reading(unit), open_unit(unit, storage_cfg) as f:
         f.seek(first)
         remaining = stop - first
         while remaining > 0:
@@ -161,8 +181,9 @@ def _seek_first_line(f: IO[bytes], start: int) -> bool:
 def iter_unit_lines(unit: ReadUnit, storage_cfg: "StorageConfig | None"
                     ) -> Iterator[bytes]:
     """The raw lines ``begin_line`` … ``stop_line - 1`` of the unit's file, without their
-    ``b"\\n"`` (a ``b"\\r"`` before it stays)."""
-    with open_unit(unit, storage_cfg) as f:
+    ``b"\\n"`` (a ``b"\\r"`` before it stays). Raises ``CaptionInputError`` naming a file that
+    cannot be read."""
+    with reading(unit), open_unit(unit, storage_cfg) as f:
         if not _seek_first_line(f, unit.start):
             return
         line_number = unit.first_line

@@ -30,9 +30,9 @@ from m2m_ray.config import config_to_dict
 from m2m_ray.data.image_inputs import fit_square, open_image
 from m2m_ray.data.sets import local_set_rows, ray_set_dataset
 from m2m_ray.formats import generations as gen
-from m2m_ray.formats.mis import committed_shards, split_set_count
+from m2m_ray.formats.mis import CorruptShardError, committed_shards, split_set_count
 from m2m_ray.progress import JobProgress
-from m2m_ray.runtime import actor_pool_args, pick_device, torch_dtype
+from m2m_ray.runtime import actor_pool_args, pick_device, task_errors_as, torch_dtype
 from m2m_ray.sampling.config import GenerateJobConfig
 from m2m_ray.storage import save_config
 from m2m_ray.viz import arrow_tile, contact_sheet, png_bytes
@@ -151,6 +151,13 @@ def write_contact_sheet(output_uri: str, records: list[gen.GenerationSet], stora
     return uri
 
 
+def _named_read_errors(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The Ray engine's output batches; a MIS shard that cannot be read raises the readers'
+    ``CorruptShardError`` naming it (and what to do), not a worker's traceback."""
+    with task_errors_as(CorruptShardError):
+        yield from batches
+
+
 def _count_input_sets(cfg: GenerateJobConfig, sets) -> int | None:
     """Sets the Ray engine will generate, without reading images: Ray's count of an in-memory
     dataset, or the MIS shard stats (``sets``, ``split_sets``) for a MIS read by Ray Data. None
@@ -179,7 +186,8 @@ def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:
         rows = list(local_set_rows(cfg.inputs, cfg.storage))
         total = len(rows)
     else:
-        sets = ray_set_dataset(cfg.inputs, cfg.storage)
+        with task_errors_as(CorruptShardError):  # a bad shard named, not a worker's traceback
+            sets = ray_set_dataset(cfg.inputs, cfg.storage)
         total = _count_input_sets(cfg, sets)
     save_config(cfg, st.join(cfg.output_uri, "generate_config.json"), cfg.storage)
     progress = JobProgress(
@@ -194,7 +202,8 @@ def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:
         generated = sets.map_batches(
             M2MSetGenerator, fn_constructor_kwargs={"cfg_dict": cfg_dict},
             batch_size=cfg.sets_per_batch, batch_format="numpy", **actor_pool_args(cfg.actors))
-        batches = generated.iter_batches(batch_format="numpy", batch_size=None)  # as they come
+        batches = _named_read_errors(  # as they come
+            generated.iter_batches(batch_format="numpy", batch_size=None))
     for batch in batches:
         rows_done = [dict(zip(batch, values)) for values in zip(*batch.values())]
         outputs.extend(rows_done)
@@ -213,13 +222,14 @@ def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:
         progress.finish("failed")
         raise RuntimeError(f"no set was generated ({len(skipped)} skipped: "
                            f"{skipped[:3]}); check the inputs")
-    index_uri = gen.write_index(cfg.output_uri, records, cfg.storage)
+    index_uri = gen.write_index(cfg.output_uri, records, cfg.storage, skipped)
     sheet = (write_contact_sheet(cfg.output_uri, records[: cfg.contact_sheet_sets], cfg.storage)
              if cfg.contact_sheet_sets else None)
     seconds = time.perf_counter() - started
     images = sum(len(r.generated) for r in records)
     summary = {"output_uri": cfg.output_uri, "index": index_uri, "contact_sheet": sheet,
-               "sets": len(records), "generated_images": images, "skipped": skipped,
+               "input_sets": len(outputs), "sets": len(records), "generated_images": images,
+               "skipped": skipped,
                "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 4),
                "model": records[0].meta.get("model"), "engine": cfg.engine,
                "progress": progress.finish()}

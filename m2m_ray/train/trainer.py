@@ -25,6 +25,8 @@ from ray.train.torch import TorchTrainer
 
 from m2m_ray import storage
 from m2m_ray.config import config_to_dict
+from m2m_ray.formats.mis import CorruptShardError
+from m2m_ray.runtime import task_errors_as
 from m2m_ray.train.checkpoint import resume_changes
 from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.export import export_pipeline
@@ -155,7 +157,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     cfg, run_length = resolve_run_length(cfg, shards)
     check_resume(cfg)
     counter = start_error_counter(cfg)  # held here: the actor lives as long as this handle
-    result = build_trainer(cfg, shards).fit()
+    with task_errors_as(CorruptShardError):  # a bad shard named, not a worker's traceback
+        result = build_trainer(cfg, shards).fit()
     checkpoint = result.checkpoint
     if checkpoint is None:
         raise RuntimeError(f"run {cfg.run_name} ended without a checkpoint under "
