@@ -27,6 +27,9 @@ class TrainDataConfig(StrictModel):
     images_per_set: int = Field(
         8, ge=2, le=25, description="N: each training sample is a random ordered subset of N of a "
         "set's images, drawn from (seed, epoch, caption_id): a new subset every epoch.")
+    image_order: Literal["random", "set"] = Field(
+        "random", description="Order of the N images of a training sample: random (MIS; novel "
+        "views) or the set's own order (visual procedures: preceding steps come first).")
     latents: Literal["auto", "stored", "encode"] = Field(
         "auto", description="auto: the shard's stored SD latents when present and of the training "
         "size, else VAE encoding on actors; stored: require stored latents; encode: always encode.")
@@ -79,6 +82,12 @@ class GenerateInputsConfig(StrictModel):
         "shard order, no shuffle of the split; paper §8.4: 10,000 random test sets); of COCO, the "
         "first N category sets.")
     selection_seed: int = Field(0, description="Seeds the random choice of max_sets MIS sets.")
+    task_conditions: str | None = Field(
+        None, description="For a task-conditioned model (fine-tuned for novel views or "
+        "procedures): a JSON file {\"camera\": [K+M][3][4] world-to-camera extrinsics} and/or "
+        "{\"position\": [K+M] step indices} giving the K context images' conditions, then the M "
+        "targets' (local or s3://); used for every input set. None: a task dataset's sets "
+        "(mis_uri) bring their own (images K .. K+M-1 are the targets).")
 
     @model_validator(mode="after")
     def _one_source(self) -> "GenerateInputsConfig":

@@ -63,7 +63,9 @@ def _mis_set_row(sample: dict[str, Any], K: int) -> dict[str, Any]:
             "meta": json.dumps({"source": "mis", "caption_id": sample["caption_id"],
                                 "shard_id": sample["shard_id"],
                                 "context_seeds": sample["seeds"][:K]}),
-            "images": list(sample["images"][:K])}
+            "images": list(sample["images"][:K]),
+            # a task dataset's raw per-image conditions (JSON), for the sampler; "" in MIS
+            "task": json.dumps(sample["task"]) if sample.get("task") else ""}
 
 
 def local_mis_rows(inputs: GenerateInputsConfig,
@@ -119,11 +121,13 @@ def _mis_batch_to_sets(table, K: int):
              for cid, sid, seeds in zip(table["caption_id"].to_pylist(),
                                         table["shard_id"].to_pylist(),
                                         table["seeds"].to_pylist())]
+    task = (pc.fill_null(table["task"], "") if "task" in table.column_names
+            else pa.array([""] * table.num_rows, pa.string()))
     return pa.table({"order": table["caption_id"],
                      "set_id": pc.cast(table["caption_id"], pa.string()),
                      "caption": table["caption"], "split": table["split"],
                      "meta": pa.array(metas, pa.string()),
-                     "images": pc.list_slice(table["images"], 0, K)})
+                     "images": pc.list_slice(table["images"], 0, K), "task": task})
 
 
 def local_set_rows(inputs: GenerateInputsConfig,

@@ -44,8 +44,14 @@ from PIL import Image
 from m2m_ray.config import StorageConfig
 from m2m_ray.data.config import TrainDataConfig
 from m2m_ray.data.image_inputs import fit_square
+from m2m_ray.data.tasks import task_columns
 from m2m_ray.formats.mis import CorruptShardError
-from m2m_ray.formats.mis_read import check_set_count, decode_latents, iter_sets
+from m2m_ray.formats.mis_read import (
+    check_set_count,
+    decode_json,
+    decode_latents,
+    iter_sets,
+)
 from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.runtime import actor_pool_args, task_pool_args
 
@@ -68,13 +74,16 @@ class TrainRun(Protocol):
 BadDataReporter = Callable[[str, str, str], None]
 
 
-def subset_indices(seed: int, epoch: int, caption_id: int, count: int, total: int) -> np.ndarray:
-    """A random ordered subset of ``count`` of ``range(total)``, a pure function of its inputs."""
+def subset_indices(seed: int, epoch: int, caption_id: int, count: int, total: int,
+                   keep_order: bool = False) -> np.ndarray:
+    """A random subset of ``count`` of ``range(total)`` in random order (``keep_order``: in
+    increasing order), a pure function of its inputs."""
     if not 1 <= count <= total:
         raise ValueError(f"cannot draw {count} of a set's {total} images; set "
                          f"data.images_per_set between 1 and {total}")
     rng = np.random.default_rng([seed, epoch, caption_id & (2**63 - 1)])
-    return rng.permutation(total)[:count]
+    chosen = rng.permutation(total)[:count]
+    return np.sort(chosen) if keep_order else chosen
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,8 @@ class SetStream:
     sets_per_block: int
     storage_cfg: StorageConfig | None = None
     shard_sets: tuple[int, ...] | None = None  # per shard: the set count its stats committed
+    task_kinds: tuple[str, ...] = ()   # task conditions the model takes (task datasets only)
+    keep_order: bool = False           # data.image_order == "set"
 
     def item_at(self, index: int) -> int:
         """Global item id of the ``index``-th item of this rank's stream."""
@@ -143,7 +154,8 @@ def plan_stream(cfg: TrainRun, shards: tuple[str, ...], mean_sets: float, stored
         split=data.split, images_per_set=data.images_per_set, resolution=preset.resolution,
         dino_resolution=preset.dino_resolution if cfg.m2m.variant == "dino" else None,
         use_stored_latents=stored_latents, on_bad_data=data.on_bad_data,
-        sets_per_block=data.sets_per_block, storage_cfg=cfg.storage, shard_sets=shard_sets)
+        sets_per_block=data.sets_per_block, storage_cfg=cfg.storage, shard_sets=shard_sets,
+        task_kinds=tuple(cfg.m2m.task_conditions), keep_order=data.image_order == "set")
 
 
 def use_stored_latents(cfg: TrainRun, shards: tuple[str, ...]) -> bool:
@@ -215,7 +227,8 @@ def read_item(batch: dict[str, np.ndarray], stream: SetStream,
     rows: list[dict[str, Any]] = []
     row_number, read = -1, 0
     try:
-        for sample in iter_sets(uri, stream.storage_cfg, want_images=_wants_images(stream)):
+        for sample in iter_sets(uri, stream.storage_cfg, want_images=_wants_images(stream),
+                                want_task=bool(stream.task_kinds)):
             read += 1
             if stream.split is not None and sample["split"] != stream.split:
                 continue
@@ -263,8 +276,12 @@ def _sample_row(sample: dict[str, Any], stream: SetStream, epoch: int, uri: str)
     if images is None and latents is None:
         raise CorruptShardError(f"{where} has neither images nor latents")
     total = len(images) if images is not None else latents.shape[0]
-    indices = subset_indices(stream.seed, epoch, cid, stream.images_per_set, total)
+    indices = subset_indices(stream.seed, epoch, cid, stream.images_per_set, total,
+                             stream.keep_order)
     row: dict[str, Any] = {"caption_id": cid, "epoch": epoch, "indices": indices}
+    if stream.task_kinds:
+        row.update(task_columns(decode_json(sample["task"] or "null", where), stream.task_kinds,
+                                indices, total, where))
     if stream.use_stored_latents:
         if latents is None:
             raise CorruptShardError(f"{where} has no stored latents, unlike the dataset's first "

@@ -54,6 +54,7 @@ PARQUET_SCHEMA = pa.schema([
     ("images", pa.list_(pa.binary())),
     ("latents", pa.binary()),          # .npy bytes, float16 [N, 4, h, w]; null when not kept
     ("metadata", pa.string()),         # JSON: generation settings, enough to regenerate
+    ("task", pa.string()),             # JSON task conditions of a task dataset's set; null in MIS
 ])
 
 
@@ -71,6 +72,9 @@ class SetRecord:
     image_ext: str                     # jpg / webp / png
     latents: bytes | None              # .npy bytes or None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Task datasets only (m2m_ray.data.tasks): raw per-image conditions, e.g.
+    # {"camera": [N][3][4] world-to-camera, "position": [N] step indices}; None in MIS.
+    task: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -80,7 +84,8 @@ class SetRecord:
     def json_header(self) -> dict[str, Any]:
         return {"caption_id": self.caption_id, "shard_id": self.shard_id, "split": self.split,
                 "caption": self.caption, "url": self.url, "seeds": self.seeds,
-                "image_ext": self.image_ext, "metadata": self.metadata}
+                "image_ext": self.image_ext, "metadata": self.metadata,
+                **({"task": self.task} if self.task is not None else {})}
 
 
 def latents_to_npy(latents: np.ndarray) -> bytes:
@@ -223,6 +228,7 @@ class ShardWriter:
                 "caption_id": r.caption_id, "shard_id": r.shard_id, "split": r.split,
                 "caption": r.caption, "url": r.url, "seeds": r.seeds, "images": r.images,
                 "latents": r.latents, "metadata": json.dumps(r.metadata, sort_keys=True),
+                "task": None if r.task is None else json.dumps(r.task, sort_keys=True),
             } for r in records], schema=PARQUET_SCHEMA))
         if self._tar is not None:
             for r in records:

@@ -9,7 +9,9 @@ A sample is a dict::
 
     caption_id int, shard_id int, split str, caption str, url str, seeds list[int],
     images list[bytes] (encoded, in seed order), image_ext str,
-    latents np.ndarray float16 [N, 4, h, w] | None, metadata dict
+    latents np.ndarray float16 [N, 4, h, w] | None, metadata dict,
+    task dict | None (a task dataset's raw per-image conditions; None in MIS and in shards
+    written before the column existed)
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def _parquet_row_to_sample(row: dict[str, Any], uri: str,
         "image_ext": image_ext or IMAGE_EXTENSIONS[metadata["image_format"]],
         "latents": None if row["latents"] is None else decode_latents(row["latents"], where),
         "metadata": metadata,
+        "task": None if row.get("task") is None else decode_json(row["task"], where),
     }
 
 
@@ -91,6 +94,8 @@ def _parquet_rows(uri: str, storage_cfg: StorageConfig | None,
                 for batch in shard.iter_batches(batch_size=8, row_groups=[group],
                                                 columns=columns_for(shard, group)):
                     yield from batch.to_pylist()
+    except CorruptShardError:
+        raise
     except (OSError, ValueError, pa.ArrowException) as err:
         raise CorruptShardError(f"cannot read Parquet shard {uri}: {type(err).__name__}: "
                                 f"{str(err).rstrip('.')}. "
@@ -153,32 +158,41 @@ def _header_sample(header: dict[str, Any], images: list, latents: Any) -> dict[s
         "split": header["split"], "caption": header["caption"], "url": header["url"],
         "seeds": [int(s) for s in header["seeds"]], "images": images,
         "image_ext": header["image_ext"], "latents": latents, "metadata": header["metadata"],
+        "task": header.get("task"),
     }
 
 
-def iter_sets(uri: str, storage_cfg: StorageConfig | None, want_images: bool
-              ) -> Iterator[dict[str, Any]]:
-    """The training reader: one dict ``{caption_id, split, latents, images?}`` per set, reading
-    only those columns (Parquet: the images column only with ``want_images`` or for row groups
-    with sets that lack latents). ``latents`` are the stored ``.npy`` bytes (or None): the
-    consumer decodes them with ``decode_latents``, so a corrupt set is a bad *set* it can skip,
-    not the end of the shard."""
+def iter_sets(uri: str, storage_cfg: StorageConfig | None, want_images: bool,
+              want_task: bool = False) -> Iterator[dict[str, Any]]:
+    """The training reader: one dict ``{caption_id, split, latents, images?, task?}`` per set,
+    reading only those columns (Parquet: the images column only with ``want_images`` or for row
+    groups with sets that lack latents; the task column only with ``want_task``). ``latents`` are
+    the stored ``.npy`` bytes (or None): the consumer decodes them with ``decode_latents``, so a
+    corrupt set is a bad *set* it can skip, not the end of the shard; ``task`` is the stored JSON
+    (or None), decoded by the consumer for the same reason."""
     if uri.endswith(".parquet"):
-        yield from _iter_parquet_sets(uri, storage_cfg, want_images)
+        yield from _iter_parquet_sets(uri, storage_cfg, want_images, want_task)
     else:
         for sample in iter_webdataset_shard(uri, storage_cfg, decode=False):
+            task = sample["task"]
             yield {"caption_id": sample["caption_id"], "split": sample["split"],
-                   "latents": sample["latents"], "images": sample["images"]}
+                   "latents": sample["latents"], "images": sample["images"],
+                   **({"task": None if task is None else json.dumps(task)} if want_task else {})}
 
 
-def _iter_parquet_sets(uri: str, storage_cfg, want_images: bool) -> Iterator[dict[str, Any]]:
+def _iter_parquet_sets(uri: str, storage_cfg, want_images: bool, want_task: bool
+                       ) -> Iterator[dict[str, Any]]:
     """Which row groups lack latents (and so need their images) comes from column statistics."""
     def columns_for(shard: pq.ParquetFile, group: int) -> list[str]:
-        latents_col = shard.schema_arrow.names.index("latents")
-        stats = shard.metadata.row_group(group).column(latents_col).statistics
+        names = shard.schema_arrow.names
+        if want_task and "task" not in names:
+            raise CorruptShardError(f"shard {uri} has no task column: it is a MIS shard, not a "
+                                    "task dataset's (m2m_ray.data.tasks.build writes those); "
+                                    "train with m2m.task_conditions only on a task dataset")
+        stats = shard.metadata.row_group(group).column(names.index("latents")).statistics
         missing_latents = stats is None or not stats.has_null_count or stats.null_count > 0
         return ["caption_id", "split", "latents", *(["images"] if want_images or missing_latents
-                                                    else [])]
+                                                    else []), *(["task"] if want_task else [])]
 
     yield from _parquet_rows(uri, storage_cfg, columns_for)
 
@@ -251,7 +265,11 @@ def _shard_rows(item: dict[str, Any], storage_cfg: StorageConfig | None, split: 
     for row in rows:
         read += 1
         if split is None or row["split"] == split:
-            yield row if columns is None else {key: row[key] for key in columns}
+            if columns is None:
+                row.setdefault("task", None)  # Parquet shards written before the column
+                yield row
+            else:
+                yield {key: row[key] for key in columns}
     check_set_count(uri, read, item["sets"])
 
 
@@ -260,4 +278,5 @@ def _stored_row(sample: dict[str, Any]) -> dict[str, Any]:
     no ``image_ext`` (the Parquet columns have none)."""
     row = {key: value for key, value in sample.items() if key != "image_ext"}
     row["metadata"] = json.dumps(sample["metadata"], sort_keys=True)
+    row["task"] = None if sample["task"] is None else json.dumps(sample["task"], sort_keys=True)
     return row

@@ -29,8 +29,10 @@ from m2m_ray import storage as st
 from m2m_ray.config import config_to_dict
 from m2m_ray.data.image_inputs import fit_square, open_image
 from m2m_ray.data.sets import local_set_rows, ray_set_dataset
+from m2m_ray.data.tasks import decode_task_file, sequence_conditions
 from m2m_ray.formats import generations as gen
 from m2m_ray.formats.mis import CorruptShardError, committed_shards, split_set_count
+from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.progress import JobProgress
 from m2m_ray.runtime import actor_pool_args, pick_device, task_errors_as, torch_dtype
 from m2m_ray.sampling.config import GenerateJobConfig
@@ -77,6 +79,9 @@ class M2MSetGenerator:
         if self.device.type == "cpu":  # as Ray does for its actors (OMP_NUM_THREADS = num_cpus);
             torch.set_num_threads(max(1, int(self.cfg.actors.num_cpus)))  # engine=local gets it too
         self.pipe = load_pipeline(self.cfg, self.device)
+        self.task_kinds = list(self.pipe.unet.config.task_conditions)
+        self.given_task = (None if not self.cfg.inputs.task_conditions else decode_task_file(
+            self.cfg.inputs.task_conditions, self.cfg.storage))
         self.model_label = (self.cfg.model_path
                             or f"untrained {self.pipe.name} ({self.cfg.model.preset} preset)")
 
@@ -88,22 +93,52 @@ class M2MSetGenerator:
                      for j, data in enumerate(batch["images"][i])]
         return [fit_square(open_image(data, name), self.pipe.resolution) for name, data in items]
 
+    def _conditions(self, batch: dict[str, Any], i: int, K: int) -> dict[str, np.ndarray]:
+        """A task-conditioned model's inputs for set ``i``'s K context images and M targets (the
+        user's ``inputs.task_conditions``, else the set's stored ones); {} for other models."""
+        if not self.task_kinds:
+            return {}
+        tasks = batch.get("task")  # absent for image-file and COCO sets
+        stored = "" if tasks is None else tasks[i]
+        raw = self.given_task if self.given_task is not None else (
+            json.loads(stored) if stored else None)
+        return sequence_conditions(raw, self.task_kinds, K + self.cfg.sample.num_images,
+                                   f"set {batch['set_id'][i]}")
+
+    def _stack_conditions(self, conditions: list[dict[str, np.ndarray]],
+                          contexts: list[list]) -> tuple[TaskConditions | None, ...]:
+        """``(context_task [S, K], target_task [S, M])``; (None, None) without task kinds."""
+        if not self.task_kinds or not conditions:
+            return None, None
+        K = len(contexts[0])
+        if any(len(c) != K for c in contexts):
+            raise ValueError("task conditions need every set of a batch to have K context images")
+        stacked = {kind: torch.from_numpy(np.stack([c[kind] for c in conditions]))
+                   for kind in self.task_kinds}  # (S, K + M, ...)
+        return (TaskConditions(**{k: v[:, :K] for k, v in stacked.items()}),
+                TaskConditions(**{k: v[:, K:] for k, v in stacked.items()}))
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         cfg, sample = self.cfg, self.cfg.sample
         count = len(batch["set_id"])
-        contexts, good, errors = [], [], [""] * count
+        contexts, conditions, good, errors = [], [], [], [""] * count
         for i in range(count):
             try:
-                contexts.append(self._context(batch, i))
+                context = self._context(batch, i)
+                conditions.append(self._conditions(batch, i, len(context)))
+                contexts.append(context)
                 good.append(i)
             except Exception as err:  # one bad set must not stop the batch; it is reported
                 errors[i] = f"{type(err).__name__}: {err}"
         seeds = [set_seed(str(batch["set_id"][i]), sample.seed) for i in good]
+        context_task, target_task = self._stack_conditions(conditions, contexts)
         generated = self.pipe.generate(
             contexts, sample, [torch.Generator().manual_seed(s) for s in seeds],
+            context_task=context_task, target_task=target_task,
             on_non_finite="skip") if good else []
         records = [""] * count
-        for i, context, images, seed in zip(good, contexts, generated, seeds):
+        for i, context, images, seed, condition in zip(good, contexts, generated, seeds,
+                                                       conditions):
             if images is None:  # never saved as black images: skipped with its reason, counted
                 errors[i] = (f"non-finite latents or pixels (NaN/Inf) in "
                              f"{str(self.pipe.unet.dtype).removeprefix('torch.')}; rerun the set "
@@ -115,7 +150,10 @@ class M2MSetGenerator:
             meta = {**json.loads(batch["meta"][i]), **settings, "base_seed": sample.seed,
                     "seed": seed, "model": self.pipe.name, "model_path": self.model_label,
                     "split": batch["split"][i], "resolution": self.pipe.resolution,
-                    "device": self.device.type, "dtype": str(self.pipe.unet.dtype)[6:]}
+                    "device": self.device.type, "dtype": str(self.pipe.unet.dtype)[6:],
+                    # the model's inputs, K context images then M targets (relative cameras)
+                    **({"task_conditions": {k: v.tolist() for k, v in condition.items()}}
+                       if condition else {})}
             record = gen.save_set(cfg.output_uri, str(batch["set_id"][i]),
                                   caption if isinstance(caption, str) else None, context,
                                   images, meta=meta, storage=cfg.storage,

@@ -186,6 +186,12 @@ class TrainConfig(StrictModel):
             raise ValueError(f"samples.context_images {self.samples.context_images} > "
                              f"data.images_per_set {self.data.images_per_set}: the grid's "
                              "context comes from one training sample")
+        wanted = self.samples.context_images + self.samples.sample.num_images
+        if (self.m2m.task_conditions and self.samples.enabled
+                and wanted > self.data.images_per_set):
+            raise ValueError(f"samples.context_images + samples.sample.num_images = {wanted} > "
+                             f"data.images_per_set {self.data.images_per_set}: a task model's "
+                             "grid takes its targets' conditions from the same training sample")
         return self
 
     @property

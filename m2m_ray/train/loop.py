@@ -92,6 +92,7 @@ class Worker:
         self.alphas_cumprod = load_scheduler(cfg.model, "ddim").alphas_cumprod.to(device)
         self.vae = load_vae(cfg.model, device) if rank == 0 and cfg.samples.enabled else None
         self.preview: torch.Tensor | None = None  # latents of the sample grid's sets
+        self.preview_task = None  # their task conditions (fine-tuning), [S, N]
         self.position = self.expected_start
         self.epoch = self.state.epoch
         self.trackers = Trackers(cfg, rank, world_size, self.model, self.dino, device,
@@ -138,6 +139,8 @@ class Worker:
         batch = TrainBatch.from_columns(columns, self.device, cfg.m2m.task_conditions)
         if self.rank == 0 and self.preview is None and cfg.samples.enabled:
             self.preview = batch.latents[:cfg.samples.num_sets].clone()  # (S, N, 4, h, w)
+            self.preview_task = (None if batch.task is None else
+                                 batch.select(slice(0, cfg.samples.num_sets)).task)
         generator = step_generator(cfg.seed, self.state.step, self.rank, self.device)
         draws = StepNoise.draw(generator, batch.latents.shape, self.alphas_cumprod.shape[0],
                                cfg.context_drop_prob, self.device)
@@ -225,7 +228,8 @@ class Worker:
         with torch.autocast(self.device.type, dtype=self.autocast,
                             enabled=self.autocast is not None):
             return sample_grid(self.ema.model, self.vae, self.dino, self.preview,
-                               samples.context_images, samples.sample, self.cfg.seed)
+                               samples.context_images, samples.sample, self.cfg.seed,
+                               self.preview_task)
 
     def maybe_fail(self) -> None:
         """Fault injection for tests: raise once per run right after ``fail_at_step``."""

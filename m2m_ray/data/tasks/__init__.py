@@ -1,0 +1,167 @@
+"""Task datasets for fine-tuning (paper §6.2, §8.5): image sets whose images each carry a task
+condition — a camera for novel-view synthesis (Objaverse, ``objaverse.py``), a position in a
+procedure for visual procedure generation (VGSI / wikiHow, ``vgsi.py``).
+
+A reader yields ``TaskSet`` objects; ``build.py`` writes them as training shards (the MIS shard
+layout of ``m2m_ray.formats.mis`` plus a per-set ``task`` column) with Ray Data, and training and
+sampling turn the raw conditions into the model's inputs:
+
+- **camera**: the dataset's world-to-camera extrinsics ``[R|T]`` (3 × 4) of each image, stored as
+  the dataset gives them. The model sees them *relative to the first image of the sequence it is
+  given* (``relative_cameras``): ``E_i · E_1⁻¹``, top three rows flattened to 12 values, so image 1
+  is always the identity and a condition never depends on the dataset's world frame (Objaverse
+  renders put each object in its own frame).
+- **position**: the 0-based index of each image's step in its procedure, as the dataset orders the
+  steps (a step whose image is missing keeps the steps after it at their own index).
+
+Bad entries are an error naming the file (``on_bad="error"``) or a counted skip (``"skip"``) in a
+``TaskReadReport``, never a silent change.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+OnBad = Literal["error", "skip"]
+
+
+class TaskDataError(ValueError):
+    """A task dataset entry that cannot be read; the message names the file and what is wrong."""
+
+
+@dataclass
+class TaskSet:
+    """One set of a task dataset.
+
+    ``images``: encoded RGB images (PNG or JPEG bytes, alpha already composited), in the set's
+    order; ``camera``: float64 ``[N, 3, 4]`` world-to-camera extrinsics or None; ``position``:
+    int64 ``[N]`` step indices or None; ``caption``: text (VGSI: goal and method) or None;
+    ``source``: where it came from (paths, ids), kept in the shard's metadata."""
+
+    set_id: str
+    images: list[bytes]
+    image_ext: str
+    caption: str | None = None
+    camera: np.ndarray | None = None
+    position: np.ndarray | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if self.camera is not None and tuple(np.shape(self.camera)) != (n, 3, 4):
+            raise ValueError(f"set {self.set_id}: camera of shape {np.shape(self.camera)} for "
+                             f"{n} images; expected [{n}, 3, 4]")
+        if self.position is not None and tuple(np.shape(self.position)) != (n,):
+            raise ValueError(f"set {self.set_id}: position of shape {np.shape(self.position)} "
+                             f"for {n} images; expected [{n}]")
+
+    def task(self) -> dict[str, list]:
+        """The raw conditions as JSON-ready lists (the shards' ``task`` column)."""
+        out: dict[str, list] = {}
+        if self.camera is not None:
+            out["camera"] = np.asarray(self.camera, dtype=np.float64).tolist()
+        if self.position is not None:
+            out["position"] = np.asarray(self.position, dtype=np.int64).tolist()
+        return out
+
+
+@dataclass
+class TaskReadReport:
+    """What a reader skipped (``on_bad="skip"``) and why: counts by reason and a few examples."""
+
+    sets: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < 20:
+            self.examples.append(detail)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sets": self.sets, "skipped": dict(self.skipped), "examples": self.examples}
+
+
+def relative_cameras(w2c: np.ndarray) -> np.ndarray:
+    """World-to-camera extrinsics ``[..., N, 3, 4]`` → float32 ``[..., N, 12]``: each image's
+    extrinsics relative to the first image of the sequence, ``E_i · E_1⁻¹`` (4 × 4 homogeneous,
+    top three rows flattened). The first image's is the identity; a rotation or translation of
+    the world applied to every camera leaves the result unchanged."""
+    w2c = np.asarray(w2c, dtype=np.float64)
+    if w2c.shape[-2:] != (3, 4):
+        raise ValueError(f"camera extrinsics of shape {w2c.shape}: expected [..., N, 3, 4]")
+    full = np.zeros(w2c.shape[:-2] + (4, 4))
+    full[..., :3, :] = w2c
+    full[..., 3, 3] = 1.0
+    relative = full @ np.linalg.inv(full[..., :1, :, :])
+    return relative[..., :3, :].reshape(w2c.shape[:-2] + (12,)).astype(np.float32)
+
+
+def task_columns(task: dict[str, Any] | None, kinds: tuple[str, ...], indices: np.ndarray,
+                 total: int, where: str) -> dict[str, np.ndarray]:
+    """A stored set's raw conditions → the model's inputs for its images ``indices`` (in sample
+    order): ``camera`` float32 ``[N, 12]`` (``relative_cameras``: relative to the sample's first
+    image), ``position`` float32 ``[N]``. Raises ``CorruptShardError`` naming ``where`` when the
+    set lacks a kind or stores it with the wrong shape."""
+    from m2m_ray.formats.mis import CorruptShardError
+
+    out = {}
+    for kind in kinds:
+        values = None if task is None else task.get(kind)
+        expected = (total, 3, 4) if kind == "camera" else (total,)
+        array = None if values is None else np.asarray(values, dtype=np.float64)
+        if array is None or array.shape != expected or not np.isfinite(array).all():
+            raise CorruptShardError(
+                f"{where}: the model takes a {kind} condition per image but the set stores "
+                f"{'none' if array is None else f'shape {array.shape}'} (expected {expected}, "
+                "finite); train with m2m.task_conditions matching the task dataset")
+        chosen = array[indices]
+        out[kind] = (relative_cameras(chosen) if kind == "camera"
+                     else chosen.astype(np.float32))
+    return out
+
+
+def sequence_conditions(task: dict[str, Any] | None, kinds: list[str], count: int,
+                        where: str) -> dict[str, np.ndarray]:
+    """The model's inputs for the first ``count`` images of a stored or user-given sequence of
+    raw conditions (sampling: K context images, then M targets): ``camera`` float32
+    ``[count, 12]`` relative to the first image, ``position`` float32 ``[count]``. Raises
+    ``TaskDataError`` naming ``where`` when a kind is missing or covers fewer images."""
+    out = {}
+    for kind in kinds:
+        values = None if task is None else task.get(kind)
+        array = None if values is None else np.asarray(values, dtype=np.float64)
+        tail = (3, 4) if kind == "camera" else ()
+        if array is None or array.shape[1:] != tail or len(array) < count:
+            raise TaskDataError(
+                f"{where}: the model takes a {kind} condition per image; {count} are needed (the "
+                f"context images, then the targets) but "
+                f"{'none are given' if array is None else f'the given ones have shape {array.shape}'}"
+                "; give them with inputs.task_conditions or use a task dataset's sets")
+        chosen = array[:count]
+        out[kind] = relative_cameras(chosen) if kind == "camera" else chosen.astype(np.float32)
+    return out
+
+
+def decode_task_file(uri: str, storage_cfg: Any = None) -> dict[str, Any]:
+    """A user's task conditions file (``inputs.task_conditions``): JSON ``{"camera": [n][3][4]}``
+    and/or ``{"position": [n]}``. Raises ``TaskDataError`` naming the file when it is not that."""
+    import json
+
+    from m2m_ray import storage
+
+    try:
+        task = json.loads(storage.read_bytes(uri, storage_cfg))
+    except (OSError, ValueError) as err:
+        raise TaskDataError(f"cannot read task conditions {uri}: {type(err).__name__}: {err}"
+                            ) from err
+    if not isinstance(task, dict) or not set(task) & {"camera", "position"} or set(task) - {
+            "camera", "position"}:
+        raise TaskDataError(f"task conditions {uri}: expected a JSON object with camera and/or "
+                            f"position, got {type(task).__name__} "
+                            f"{sorted(task) if isinstance(task, dict) else ''}")
+    return task
