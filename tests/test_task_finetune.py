@@ -56,6 +56,16 @@ def test_stored_and_given_conditions_are_checked():
     with pytest.raises(CorruptShardError, match=r"camera .*shape \(4, 3, 4\)"):
         task_columns({"camera": task["camera"][:4]}, ("camera",), np.array([0]), 5, "s")
     assert sequence_conditions(task, ["position"], 3, "set 1")["position"].tolist() == [0, 1, 2]
+    # m2m.camera_frame=world: the extrinsics as stored (a canonical object frame), flattened
+    world = np.concatenate([_rotation_z(40.0), [[1.0], [2.0], [3.0]]], axis=1)
+    stored = {"camera": [np.eye(4)[:3].tolist(), world.tolist()]}
+    got = sequence_conditions(stored, ["camera"], 2, "s", camera_frame="world")["camera"]
+    np.testing.assert_allclose(got[1], world.reshape(-1), atol=1e-6)
+    relative = sequence_conditions(stored, ["camera"], 2, "s")["camera"]
+    np.testing.assert_allclose(relative[1], world.reshape(-1), atol=1e-6)  # first is identity
+    stored["camera"][0] = world.tolist()
+    assert np.allclose(sequence_conditions(stored, ["camera"], 2, "s")["camera"][1],
+                       np.eye(4)[:3].reshape(-1), atol=1e-6)
     with pytest.raises(TaskDataError, match=r"set 1: .*6 are needed .*shape \(5,\)"):
         sequence_conditions(task, ["position"], 6, "set 1")
 

@@ -115,6 +115,7 @@ class SetStream:
     shard_sets: tuple[int, ...] | None = None  # per shard: the set count its stats committed
     task_kinds: tuple[str, ...] = ()   # task conditions the model takes (task datasets only)
     keep_order: bool = False           # data.image_order == "set"
+    camera_frame: str = "relative"     # m2m.camera_frame
 
     def item_at(self, index: int) -> int:
         """Global item id of the ``index``-th item of this rank's stream."""
@@ -155,7 +156,8 @@ def plan_stream(cfg: TrainRun, shards: tuple[str, ...], mean_sets: float, stored
         dino_resolution=preset.dino_resolution if cfg.m2m.variant == "dino" else None,
         use_stored_latents=stored_latents, on_bad_data=data.on_bad_data,
         sets_per_block=data.sets_per_block, storage_cfg=cfg.storage, shard_sets=shard_sets,
-        task_kinds=tuple(cfg.m2m.task_conditions), keep_order=data.image_order == "set")
+        task_kinds=tuple(cfg.m2m.task_conditions), keep_order=data.image_order == "set",
+        camera_frame=cfg.m2m.camera_frame)
 
 
 def use_stored_latents(cfg: TrainRun, shards: tuple[str, ...]) -> bool:
@@ -281,7 +283,7 @@ def _sample_row(sample: dict[str, Any], stream: SetStream, epoch: int, uri: str)
     row: dict[str, Any] = {"caption_id": cid, "epoch": epoch, "indices": indices}
     if stream.task_kinds:
         row.update(task_columns(decode_json(sample["task"] or "null", where), stream.task_kinds,
-                                indices, total, where))
+                                indices, total, where, stream.camera_frame))
     if stream.use_stored_latents:
         if latents is None:
             raise CorruptShardError(f"{where} has no stored latents, unlike the dataset's first "

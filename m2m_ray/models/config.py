@@ -55,6 +55,14 @@ class M2MConfig(StrictModel):
         "(novel view synthesis), position = sinusoidal index + MLP (visual procedures). Empty for "
         "pre-training on MIS.",
     )
+    camera_frame: Literal["relative", "world"] = Field(
+        "relative",
+        description="What the camera MLP is given (m2m_ray.data.tasks.camera_inputs): relative = "
+        "each image's 3 x 4 world-to-camera extrinsics relative to the first image of the "
+        "sequence (independent of the dataset's world frame); world = the extrinsics as the "
+        "dataset stores them (for datasets whose world frame is the object's own, canonical "
+        "one). Training and sampling read it from the model, so they agree.",
+    )
     task_embed_dim: int = Field(
         256, ge=8, multiple_of=2,
         description="Width of the task-condition embedding before its zero-initialized per-site "

@@ -186,11 +186,12 @@ class M2MUNet(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype=None,
                         task_conditions: list[str] | None = None,
-                        seed: int | None = None) -> "M2MUNet":
+                        seed: int | None = None, camera_frame: str | None = None) -> "M2MUNet":
         """The model saved at ``path``. ``task_conditions`` (fine-tuning a pre-trained model,
         paper §6.2): the saved weights plus fresh, zero-initialized embedders for the conditions
         it lacks (seeded with ``seed``, default the saved preset seed), so the new model starts
-        out predicting exactly what the saved one does. The one fine-tune loader: training's
+        out predicting exactly what the saved one does; ``camera_frame`` sets what a camera
+        embedder added here is given (``M2MConfig.camera_frame``; None: the saved setting). The one fine-tune loader: training's
         ``init_from`` comes here too.
 
         Raises ``FileNotFoundError`` for a folder without the config or weights, ``ValueError``
@@ -211,7 +212,8 @@ class M2MUNet(nn.Module):
                 model = cls(*args)
             model.load_state_dict(state, strict=True, assign=True)
             return model.to(device=device, dtype=dtype).eval()
-        m2m = M2MConfig(**{**m2m.model_dump(), "task_conditions": list(task_conditions)})
+        m2m = M2MConfig(**{**m2m.model_dump(), "task_conditions": list(task_conditions),
+                           **({"camera_frame": camera_frame} if camera_frame else {})})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((model_config.seed if seed is None else seed) + 11)
             model = cls(config["unet"], m2m, model_config, config["dino_hidden_size"])

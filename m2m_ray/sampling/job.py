@@ -103,7 +103,8 @@ class M2MSetGenerator:
         raw = self.given_task if self.given_task is not None else (
             json.loads(stored) if stored else None)
         return sequence_conditions(raw, self.task_kinds, K + self.cfg.sample.num_images,
-                                   f"set {batch['set_id'][i]}")
+                                   f"set {batch['set_id'][i]}",
+                                   self.pipe.unet.config.camera_frame)
 
     def _stack_conditions(self, conditions: list[dict[str, np.ndarray]],
                           contexts: list[list]) -> tuple[TaskConditions | None, ...]:

@@ -18,7 +18,8 @@ def build_model(cfg: TrainConfig) -> M2MUNet:
         return M2MUNet.from_preset(cfg.model, cfg.m2m).train()
     with tempfile.TemporaryDirectory(prefix="m2m-init-") as tmp:
         model = M2MUNet.from_pretrained(_unet_folder(cfg, Path(tmp)),
-                                        task_conditions=cfg.m2m.task_conditions, seed=cfg.seed)
+                                        task_conditions=cfg.m2m.task_conditions, seed=cfg.seed,
+                                        camera_frame=cfg.m2m.camera_frame)
     if model.config.variant != cfg.m2m.variant:
         raise ValueError(f"init_from {cfg.init_from} holds an M2M-{model.config.variant} "
                          f"model but m2m.variant is {cfg.m2m.variant!r}; fine-tune the same "

@@ -101,12 +101,20 @@ def relative_cameras(w2c: np.ndarray) -> np.ndarray:
     return relative[..., :3, :].reshape(w2c.shape[:-2] + (12,)).astype(np.float32)
 
 
+def camera_inputs(w2c: np.ndarray, frame: str = "relative") -> np.ndarray:
+    """The camera MLP's input for a sequence's extrinsics ``[N, 3, 4]``: float32 ``[N, 12]``,
+    relative to the first image (``relative_cameras``) or as stored (``frame="world"``)."""
+    if frame == "world":
+        return np.asarray(w2c, dtype=np.float32).reshape(len(w2c), 12)
+    return relative_cameras(w2c)
+
+
 def task_columns(task: dict[str, Any] | None, kinds: tuple[str, ...], indices: np.ndarray,
-                 total: int, where: str) -> dict[str, np.ndarray]:
+                 total: int, where: str, camera_frame: str = "relative") -> dict[str, np.ndarray]:
     """A stored set's raw conditions → the model's inputs for its images ``indices`` (in sample
-    order): ``camera`` float32 ``[N, 12]`` (``relative_cameras``: relative to the sample's first
-    image), ``position`` float32 ``[N]``. Raises ``CorruptShardError`` naming ``where`` when the
-    set lacks a kind or stores it with the wrong shape."""
+    order): ``camera`` float32 ``[N, 12]`` (``camera_inputs``: by default relative to the
+    sample's first image), ``position`` float32 ``[N]``. Raises ``CorruptShardError`` naming
+    ``where`` when the set lacks a kind or stores it with the wrong shape."""
     from m2m_ray.formats.mis import CorruptShardError
 
     out = {}
@@ -120,16 +128,16 @@ def task_columns(task: dict[str, Any] | None, kinds: tuple[str, ...], indices: n
                 f"{'none' if array is None else f'shape {array.shape}'} (expected {expected}, "
                 "finite); train with m2m.task_conditions matching the task dataset")
         chosen = array[indices]
-        out[kind] = (relative_cameras(chosen) if kind == "camera"
+        out[kind] = (camera_inputs(chosen, camera_frame) if kind == "camera"
                      else chosen.astype(np.float32))
     return out
 
 
 def sequence_conditions(task: dict[str, Any] | None, kinds: list[str], count: int,
-                        where: str) -> dict[str, np.ndarray]:
+                        where: str, camera_frame: str = "relative") -> dict[str, np.ndarray]:
     """The model's inputs for the first ``count`` images of a stored or user-given sequence of
     raw conditions (sampling: K context images, then M targets): ``camera`` float32
-    ``[count, 12]`` relative to the first image, ``position`` float32 ``[count]``. Raises
+    ``[count, 12]`` (``camera_inputs``), ``position`` float32 ``[count]``. Raises
     ``TaskDataError`` naming ``where`` when a kind is missing or covers fewer images."""
     out = {}
     for kind in kinds:
@@ -143,7 +151,8 @@ def sequence_conditions(task: dict[str, Any] | None, kinds: list[str], count: in
                 f"{'none are given' if array is None else f'the given ones have shape {array.shape}'}"
                 "; give them with inputs.task_conditions or use a task dataset's sets")
         chosen = array[:count]
-        out[kind] = relative_cameras(chosen) if kind == "camera" else chosen.astype(np.float32)
+        out[kind] = (camera_inputs(chosen, camera_frame) if kind == "camera"
+                     else chosen.astype(np.float32))
     return out
 
 
