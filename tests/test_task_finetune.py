@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from m2m_ray.config import load_config
-from m2m_ray.data.tasks import TaskDataError, relative_cameras, sequence_conditions, task_columns
+from m2m_ray.data.tasks import (
+    TaskDataError,
+    relative_cameras,
+    sequence_conditions,
+    task_columns,
+)
 from m2m_ray.data.tasks.build import TaskDatasetConfig, run_build_tasks
 from m2m_ray.formats import generations as gen
 from m2m_ray.formats.mis import CorruptShardError
