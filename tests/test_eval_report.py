@@ -84,3 +84,13 @@ def test_lossy_generated_images_are_flagged_and_never_written_for_eval():
     base["generate"]["image_format"] = "jpeg"
     with pytest.raises(ConfigError, match="image_format = 'jpeg': FID .* lossless; use png"):
         generation_for_eval(EvalConfig.model_validate(base))
+
+
+def test_is_with_one_split_shows_no_spread():
+    """One IS split has no spread: the per-k table used to print "± 0.00"."""
+    cfg = EvalConfig(actors={"num_gpus": 1}, is_splits=1)
+    rows = render_markdown(_report(cfg, {"png": 20})).split("## Per generated image k")[1]
+    assert "3.00 ± " not in rows and "| 3.00 |" in rows
+    rows = render_markdown(_report(EvalConfig(actors={"num_gpus": 1}), {"png": 20})).split(
+        "## Per generated image k")[1]
+    assert "3.00 ± 0.10" in rows

@@ -64,6 +64,10 @@ def test_shapes_report_names_what_it_measured():
                           method="M2M-Self", wall_s=1.0)
     text = render_markdown(report)
     assert "shapes world" in report["title"] and "caption agreement %" in text
+    # its protocol says what the shapes extractors measure, not Inception / CLIPScore
+    protocol = text.split("## Protocol")[1]
+    assert "read-out network's pooled features" in protocol and "Inception" not in protocol
+    assert "CLIPScore" not in protocol
     assert "| M2M-Self | 1.00 ± 0.00 | 2.00 ± 0.00 | 90.00 ± 0.00 | 80.00 ± 0.00 |" in text
     assert "- FID resize `readout`" in text and "- DINO: none" in text
     assert "TINY" not in text

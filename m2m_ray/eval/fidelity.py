@@ -210,7 +210,7 @@ def render_fidelity_markdown(results: dict[str, Any]) -> str:
     attribute (M2M | context dropped | base rate | chance | teacher)."""
     head = ("| context source | K | " + " | ".join(
         f"{a}: M2M / dropped / base / teacher" for a in SCORED) + " | all three (M2M) |")
-    lines = [f"M2M-{results['variant']} ({results['model']}); chance: "
+    lines = [f"{_method(results)} ({results['model']}); chance: "
              + ", ".join(f"{a} {CHANCE[a]:.2f}" for a in SCORED) + ".", "", head,
              "|---|---|" + "---|" * (len(SCORED) + 1)]
     for source in results["sources"]:
@@ -264,7 +264,7 @@ def render_fidelity_plot(results: dict[str, Any]) -> bytes:
         ax.set(title=f"drift: K = {row['K']}", xlabel="k (generated image)", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"M2M-{results['variant']} on the shapes world (dashed: context dropped)")
+    fig.suptitle(f"{_method(results)} on the shapes world (dashed: context dropped)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -365,3 +365,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _method(results: dict[str, Any]) -> str:
+    """The paper's name of the measured variant: M2M-Self or M2M-DINO."""
+    return {"self": "M2M-Self", "dino": "M2M-DINO"}.get(results["variant"],
+                                                       f"M2M-{results['variant']}")

@@ -54,6 +54,19 @@ def _mean_std(values: list[float | None]) -> dict[str, Any]:
             "over_k": len(present)}
 
 
+# The shapes world's extractors (eval/shapes_extractors.py) measure other things under the same
+# Table-1 columns: its report says what, instead of Inception and CLIPScore.
+SHAPES_PROTOCOL = {
+    "fid": "k-th generated image of every set vs the K context images of every set; the "
+           "attribute read-out network's pooled features, float64 mean and unbiased covariance",
+    "is_classes": "the 48 joint (shape, colour, background) classes of the read-out",
+    "clip_text": "% of the k-th generated image's shape, colour and background read-outs that "
+                 "agree with its set's caption (none for sets without a caption)",
+    "clip_image": "mean over the K context images of the % of the k-th generated image's shape, "
+                  "colour and background read-outs that agree with that context image's",
+}
+
+
 def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
                  sets_evaluated: int, skipped: list[dict[str, str]], sets_over_max_sets: int,
                  splits: dict[str, int],
@@ -113,10 +126,7 @@ def build_report(*, cfg: "EvalConfig", generations_uri: str, sets_total: int,
                         "embeddings of the k-th generated image and that context image "
                         "(DreamBench)"} if extractors.get("dino") else {}),
             "summary": "mean ± std (ddof 0) over k = 1..M, as the paper's Table 1",
-            **({"shapes": "FID on the read-out's pooled features; IS over 48 joint attribute "
-                          "classes; CLIP-T / CLIP-I measure the % of shape, colour, background "
-                          "agreeing with the caption / each context image (one-hot embeddings)"}
-               if kind == "shapes" else {}),
+            **(SHAPES_PROTOCOL if kind == "shapes" else {}),
         },
         "per_k": per_k,
         "summary": {key: _mean_std([row[key] for row in per_k]) for key, _, _ in metrics},
@@ -188,10 +198,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             for k, t, b in metrics) + " |",
         "|---" * (len(metrics) + 2) + "|",
     ]
+    one_split = report["config"].get("is_splits") == 1  # no spread to show
     for row in report["per_k"]:
         lines.append(f"| {row['k']} | {row['images']} | " + " | ".join(
-            f"{_fmt(row['is_mean'])} ± {_fmt(row['is_std'])}" if key == "is_mean"
-            else _fmt(row[key]) for key, _, _ in metrics) + " |")
+            (_fmt(row['is_mean']) + ("" if one_split else f" ± {_fmt(row['is_std'])}"))
+            if key == "is_mean" else _fmt(row[key]) for key, _, _ in metrics) + " |")
     lines += ["", f"## Skipped sets: {inp['sets_skipped']}", ""]
     if inp["sets_skipped"]:
         lines += ["| reason | sets |", "|---|---|"]
