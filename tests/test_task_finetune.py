@@ -124,8 +124,10 @@ def test_build_finetune_and_generate_with_conditions(ray_local, tmp_path, kind):
     common = [f"--model_path={pipe_dir}", f"--inputs.mis_uri={data}", "--inputs.mis_split=null",
               "--inputs.context_images=2", "--inputs.max_sets=2", "--sample.num_images=2",
               "--sample.num_inference_steps=2", "--engine=local", "--actors.num_gpus=0"]
-    made = generate.main([*common, f"--output_uri={tmp_path / 'g_stored'}"])
-    assert made["sets"] == 2 and not made["skipped"]
+    # the sets' own conditions, read by Ray Data (engine=ray); a user's file below, engine=local
+    made = generate.main([*common, f"--output_uri={tmp_path / 'g_stored'}", "--engine=ray",
+                          "--actors.max_actors=1"])
+    assert made["sets"] == 2 and not made["skipped"] and made["engine"] == "ray"
     records = gen.read_generations(str(tmp_path / "g_stored"))
     stored = {str(s["caption_id"]): s["task"] for s in samples}
     for record in records:

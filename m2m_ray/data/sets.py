@@ -121,7 +121,8 @@ def _mis_batch_to_sets(table, K: int):
              for cid, sid, seeds in zip(table["caption_id"].to_pylist(),
                                         table["shard_id"].to_pylist(),
                                         table["seeds"].to_pylist())]
-    task = (pc.fill_null(table["task"], "") if "task" in table.column_names
+    # an all-None column comes out of Ray Data as Arrow's null type: cast before filling
+    task = (pc.fill_null(table["task"].cast(pa.string()), "") if "task" in table.column_names
             else pa.array([""] * table.num_rows, pa.string()))
     return pa.table({"order": table["caption_id"],
                      "set_id": pc.cast(table["caption_id"], pa.string()),

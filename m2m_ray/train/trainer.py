@@ -153,6 +153,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         check_local_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     cfg = with_absolute_paths(cfg)
+    # Ray Train V2 patches print() on its workers to also log through the root logger, and tees
+    # to stdout when Ray has wrapped it: every progress line reached the driver twice. Workers
+    # inherit this variable from the driver (Ray Train propagates it); a user's setting wins.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     shards = training_shards(cfg)
     cfg, run_length = resolve_run_length(cfg, shards)
     check_resume(cfg)
