@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(report["title"])
     counts = report["input"]
     print(f"sets: {counts['sets_evaluated']} evaluated of {counts['sets_total']} input sets, "
-          f"{counts['sets_skipped']} skipped {counts['skip_reasons']}"
+          f"{counts['sets_skipped']} skipped"
+          + (f" {counts['skip_reasons']}" if counts["skip_reasons"] else "")
           + (f", {counts['sets_over_max_sets']} past protocol.max_sets"
              if counts["sets_over_max_sets"] else ""))
     for key, stats in summary.items():

@@ -281,3 +281,21 @@ def test_files_stay_small() -> None:
         + ", ".join(f"{f.relative_to(ROOT)} ({n})" for f, n in long)
         + ". Split each along a seam (one capability per module) and add the new file to its "
         "package's README.md table")
+
+
+def test_main_guard_is_last() -> None:
+    """``if __name__ == "__main__":`` runs ``main()`` when the file is executed, before anything
+    defined below it exists: m2m_ray/eval/fidelity.py once defined a helper there, and
+    ``python -m m2m_ray.eval.fidelity`` (the demo's last step) died with a NameError that importing
+    the module never shows. In every script and module, the guard is the last statement."""
+    late = []
+    for path in sorted([*library_files(), *(ROOT / "pipelines").glob("*.py"),
+                        *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "scripts").glob("*.py")]):
+        body = ast.parse(path.read_text(encoding="utf-8")).body
+        for index, node in enumerate(body):
+            if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                    and isinstance(node.test.left, ast.Name)
+                    and node.test.left.id == "__name__" and index != len(body) - 1):
+                late.append(f"{path.relative_to(ROOT)}:{body[index + 1].lineno}")
+    assert not late, ("statements after the `if __name__ == \"__main__\":` block (they do not "
+                      "exist yet when main() runs as a script): " + ", ".join(late))

@@ -205,6 +205,12 @@ def _by_attribute(values: np.ndarray) -> dict[str, float]:
 # --- reports ---------------------------------------------------------------------------------------
 
 
+def _method(results: dict[str, Any]) -> str:
+    """The paper's name of the measured variant: M2M-Self or M2M-DINO."""
+    return {"self": "M2M-Self", "dino": "M2M-DINO"}.get(results["variant"],
+                                                       f"M2M-{results['variant']}")
+
+
 def render_fidelity_markdown(results: dict[str, Any]) -> str:
     """The Table of ``measure_fidelity`` results: one row per (source, K), one column group per
     attribute (M2M | context dropped | base rate | chance | teacher)."""
@@ -365,9 +371,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _method(results: dict[str, Any]) -> str:
-    """The paper's name of the measured variant: M2M-Self or M2M-DINO."""
-    return {"self": "M2M-Self", "dino": "M2M-DINO"}.get(results["variant"],
-                                                       f"M2M-{results['variant']}")
