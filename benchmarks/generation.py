@@ -71,7 +71,6 @@ def bench_naive(args, captions: list[str]) -> dict:
     _sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del pipe
     return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
             "peak_gpu_gib": peak}
 

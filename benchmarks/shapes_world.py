@@ -49,16 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, nargs="+", default=[7.5, 3.0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--weights", default=None,
+                        help="a folder of shapes weights in the diffusers layout (vae/, unet/, "
+                             "text_encoder/, scheduler/), e.g. a reproducibility rerun of "
+                             "`python -m m2m_ray.shapes.train`; default: the shipped preset")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     readout = AttributeReadout.load()
+    model = ModelConfig(preset="shapes", sd_model_id=args.weights)
     trained = [k for k in itertools.product(world.SHAPES, world.COLOURS, world.BACKGROUNDS)
                if k not in HELD_OUT]
     results: dict = {
         "machine": f"CPU, {torch.get_num_threads()} torch threads",
+        "weights": args.weights or "shipped (m2m_ray/models/weights/shapes)",
         "readout_held_out_renders": evaluate.readout_accuracy(readout, args.seed, 2000),
-        "vae_reconstructions": evaluate.vae_agreement(presets.load_vae(ModelConfig(preset="shapes")),
+        "vae_reconstructions": evaluate.vae_agreement(presets.load_vae(model),
                                                       readout, args.seed + 1, 1000),
         "teacher": {}, "teacher_held_out_combinations": {},
     }
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, keys in (("teacher", trained), ("teacher_held_out_combinations", HELD_OUT)):
             captions, targets = captions_for(keys, args.seed + 2)
             measured = evaluate.teacher_agreement(
-                "shapes", captions, targets, images_per_caption=args.images_per_caption,
+                model, captions, targets, images_per_caption=args.images_per_caption,
                 guidance_scale=guidance, steps=args.steps, seed=args.seed, readout=readout)
             measured.pop("images")
             results[name][f"guidance_{guidance:g}"] = measured

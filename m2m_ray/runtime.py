@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
     from m2m_ray.config import ActorPoolConfig, RayConfig
 
+#: True once ``init_ray`` started a local Ray in this process: a fixed-size cluster, no autoscaler
+#: to add the nodes an actor pool waits for (``check_pool_fits``).
+_started_local = False
+
 
 def init_ray(cfg: "RayConfig") -> str:
     """Join ``cfg.address`` or ``$RAY_ADDRESS`` when set, else start a local Ray with
@@ -25,25 +29,32 @@ def init_ray(cfg: "RayConfig") -> str:
     Returns a one-line description of the cluster for the job's log."""
     import ray
 
+    global _started_local
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
         else:
             ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+            _started_local = True
     resources = ray.cluster_resources()
     return (f"Ray {ray.__version__} at {ray.get_runtime_context().gcs_address}: "
             f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
 
 
-def actor_pool_args(pool: "ActorPoolConfig", work_units: int | None = None,
+def actor_pool_args(pool: "ActorPoolConfig", key: str, work_units: int | None = None,
                     tasks_in_flight: int | None = None, initial_actors: int | None = None) -> dict:
     """``map_batches`` keyword arguments for an actor pool from its config: resources per actor and
     ``compute=ActorPoolStrategy(min, max)``, the bounds capped at ``work_units`` when given (no idle
     actors for a short round; ``max_actors`` None: no bound but that one). ``tasks_in_flight`` > 1
     lets an actor start its next unit the moment one ends, and Ray Data's pool autoscaler grows only
-    pools whose actors can queue work. ``initial_actors``: the pool's size at start."""
+    pools whose actors can queue work. ``initial_actors``: the pool's size at start. ``key``: the
+    pool's config key (e.g. ``generate.actors``), named by ``check_pool_fits``'s error, which is
+    raised here on a local Ray this process started."""
     import ray
+
+    if _started_local:
+        check_pool_fits(pool, key, ray.cluster_resources())
 
     bounds = [n for n in (pool.max_actors, work_units) if n is not None]
     max_size = max(1, min(bounds)) if bounds else None
@@ -54,6 +65,33 @@ def actor_pool_args(pool: "ActorPoolConfig", work_units: int | None = None,
     return {**_resources(pool), "compute": ray.data.ActorPoolStrategy(
         min_size=min_size, max_size=max_size, initial_size=initial_actors,
         max_tasks_in_flight_per_actor=tasks_in_flight)}
+
+
+def check_pool_fits(pool: "ActorPoolConfig", key: str, cluster: dict[str, float]) -> None:
+    """Fail fast where Ray would wait forever: raise ``ValueError`` when one actor (or task) of
+    ``pool`` asks for more of a resource than the whole fixed-size ``cluster``
+    (``ray.cluster_resources()``) has — GPU actors on a CPU-only local Ray hung with only an
+    autoscaler warning. The message names ``key`` and the settings that fix it."""
+    asked = {"GPU": pool.num_gpus, "CPU": pool.num_cpus, **pool.resources}
+    short = {name: amount for name, amount in asked.items()
+             if amount > 0 and amount > cluster.get(name, 0.0) + 1e-9}
+    if not short:
+        return
+    have = ", ".join(f"{name} {cluster.get(name, 0.0):g}" for name in short)
+    want = ", ".join(f"{name} {amount:g}" for name, amount in short.items())
+    fixes = []
+    if "GPU" in short:
+        fixes.append(f"run on the CPU with --{key}.num_gpus=0, or start the local Ray with "
+                     "GPUs (--ray.num_gpus=N on a machine that has them)")
+    if "CPU" in short:
+        fixes.append(f"lower --{key}.num_cpus or raise --ray.num_cpus")
+    if set(short) - {"GPU", "CPU"}:
+        fixes.append(f"drop the custom resources of {key}.resources (they name node types of an "
+                     "autoscaling cluster, cluster/*.yaml)")
+    raise ValueError(
+        f"{key} asks for {want} per actor but this local Ray has {have} in all, so its actors "
+        f"would wait forever (no autoscaler adds nodes to a local Ray): {'; '.join(fixes)}; or "
+        "submit the job to a cluster that has them (ray job submit, or --ray.address)")
 
 
 def task_pool_args(pool: "ActorPoolConfig") -> dict:

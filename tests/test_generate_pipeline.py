@@ -180,6 +180,42 @@ def test_ray_batch_generation_of_coco_sets(ray_local, tmp_path, model_dir):
     assert _png(out / "contact_sheet.png")[0] == "PNG"
 
 
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_gpu_actors_on_a_cpu_only_local_ray_fail_fast_naming_the_fix(ray_local, tmp_path,
+                                                                     model_dir, monkeypatch):
+    """Found running generation on a laptop: `--actors.num_gpus=1` (the default of every GPU
+    stage) on a local Ray without GPUs waited forever, with only Ray's autoscaler warning. On a
+    local Ray that the job started (fixed size: nothing adds nodes) it is now an error naming the
+    key; a cluster the job joins may still grow, so there the pool waits as before."""
+    from m2m_ray import runtime
+
+    monkeypatch.setattr(runtime, "_started_local", True)  # as init_ray sets it (ray_local is one)
+    with pytest.raises(ValueError, match=r"actors asks for GPU 1 per actor but this local Ray has "
+                                         r"GPU 0 in all.*--actors\.num_gpus=0"):
+        generate.main([
+            f"--inputs.coco_annotations={_coco(tmp_path)}", "--inputs.context_images=2",
+            f"--output_uri={tmp_path / 'out'}", f"--model_path={model_dir}", "--engine=ray",
+            "--actors.num_gpus=1", "--sets_per_batch=1", *FAST])
+    assert not (tmp_path / "out" / gen.INDEX_FILE).exists()
+
+
+def test_check_pool_fits_names_each_missing_resource():
+    from m2m_ray.config import ActorPoolConfig
+    from m2m_ray.runtime import check_pool_fits
+
+    cluster = {"CPU": 4.0, "GPU": 1.0, "gen_gpu": 1.0}
+    check_pool_fits(ActorPoolConfig(num_gpus=1, num_cpus=4, resources={"gen_gpu": 1}), "x",
+                    cluster)
+    check_pool_fits(ActorPoolConfig(num_gpus=0, num_cpus=0.5), "x", {"CPU": 0.5})
+    with pytest.raises(ValueError, match=r"generate\.actors asks for CPU 8 per actor.*CPU 4 in "
+                                         r"all.*--generate\.actors\.num_cpus or raise --ray\.num_cpus"):
+        check_pool_fits(ActorPoolConfig(num_cpus=8), "generate.actors", cluster)
+    with pytest.raises(ValueError, match=r"asks for GPU 2, train_node 1 per actor.*GPU 1, "
+                                         r"train_node 0 in all.*\.resources"):
+        check_pool_fits(ActorPoolConfig(num_gpus=2, resources={"train_node": 1}), "a", cluster)
+
 def _eval_cfg(**overrides):
     from m2m_ray.eval.config import EvalConfig
 

@@ -78,3 +78,29 @@ def test_a_base_model_of_another_kind_is_refused_naming_the_right_one(tmp_path):
         load_unet(big)
     with pytest.raises(UnsupportedModelError, match=r"in/out channels \(8, 4\)"):
         M2MUNet.from_preset(variant("inpaint", "unet", in_channels=8), M2MConfig(variant="self"))
+
+
+def test_retrained_shapes_weights_load_like_the_shipped_ones(tmp_path):
+    """A folder of shapes weights (e.g. a rerun of `python -m m2m_ray.shapes.train`) has no
+    tokenizer/ folder, like the shipped preset: it keeps the real CLIP BPE, while hub weights
+    swapped into a preset of another kind read their own tokenizer."""
+    import shutil
+
+    from m2m_ray.models.presets import (
+        SHAPES_WEIGHTS,
+        get_preset,
+        load_text_encoder,
+        load_tokenizer,
+    )
+
+    root = tmp_path / "rerun"
+    shutil.copytree(SHAPES_WEIGHTS, root)
+    rerun = ModelConfig(preset="shapes", sd_model_id=str(root))
+    assert get_preset(rerun).sd_model_id == str(root) and get_preset(rerun).tokenizer == "clip"
+    ids = load_tokenizer(rerun)("a red disc on stripes", return_tensors="pt").input_ids
+    shipped = ModelConfig(preset="shapes")
+    assert ids.tolist() == load_tokenizer(shipped)("a red disc on stripes",
+                                                   return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        assert torch.equal(load_text_encoder(rerun)(ids)[0], load_text_encoder(shipped)(ids)[0])
+    assert get_preset(ModelConfig(preset="tiny", sd_model_id="some/hub-model")).tokenizer == "model"

@@ -489,7 +489,13 @@ def test_a_local_ray_too_small_for_workers_and_reads_fails_fast_with_the_fix():
     from m2m_ray.train.trainer import check_local_resources
 
     cfg = load_config(TrainConfig, Path(__file__).parents[1] / "configs/shapes/m2m-self.yaml", [])
-    check_local_resources(cfg, 4.0)
-    check_local_resources(cfg, 2.25)  # exactly room for one read task
+    check_local_resources(cfg, {"CPU": 4.0})
+    check_local_resources(cfg, {"CPU": 2.25})  # exactly room for one read task
     with pytest.raises(ValueError, match=r"has 2 CPUs.*ray\.num_cpus"):
-        check_local_resources(cfg, 2.0)
+        check_local_resources(cfg, {"CPU": 2.0})
+    # GPU workers on a CPU-only local Ray waited forever too.
+    gpu = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"use_gpu": True})})
+    with pytest.raises(ValueError, match=r"has 0 GPUs; 2 training workers × 1 GPUs.*"
+                                         r"--scaling\.use_gpu=false"):
+        check_local_resources(gpu, {"CPU": 8.0})
+    check_local_resources(gpu, {"CPU": 8.0, "GPU": 2.0})

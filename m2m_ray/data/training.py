@@ -210,7 +210,7 @@ def build_stream_dataset(stream: SetStream, cfg: TrainRun,
             VaeEncoder, fn_constructor_kwargs={"model": cfg.model.model_dump(),
                                                "num_gpus": data.vae_actors.num_gpus,
                                                "batch_size": data.vae_batch_size * data.images_per_set},
-            batch_size=data.vae_batch_size, **actor_pool_args(data.vae_actors))
+            batch_size=data.vae_batch_size, **actor_pool_args(data.vae_actors, "data.vae_actors"))
     return ds
 
 

@@ -163,7 +163,8 @@ def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
             fn_constructor_kwargs={"cfg": config_to_dict(cfg)},
             batch_size=1,
             # 2 in flight: an actor starts its next shard the moment one commits
-            **actor_pool_args(gen.actors, work_units=len(pending), tasks_in_flight=2),
+            **actor_pool_args(gen.actors, "generate.actors", work_units=len(pending),
+                              tasks_in_flight=2),
         )
         try:
             for row in results.iter_rows():

@@ -203,7 +203,7 @@ def run_captions_stage(cfg: "BuildMISConfig") -> dict[str, Any]:
         pool = cfg.captions.actors
         ds = _units_dataset(units, len(units)).map_batches(
             FilterCaptions, batch_size=1, batch_format="pyarrow",
-            **actor_pool_args(pool, work_units=len(units),
+            **actor_pool_args(pool, "captions.actors", work_units=len(units),
                               initial_actors=int(_cluster_cpus() / pool.num_cpus)),
             fn_constructor_kwargs={"tokenizer": tokenizer_json,
                                    "captions": cfg.captions,

@@ -178,7 +178,12 @@ def get_preset(model: "ModelConfig") -> Preset:
         # Explicit ids turn a preset into a pretrained one for that component.
         updates = {}
         if model.sd_model_id:
-            updates.update(sd_model_id=model.sd_model_id, pretrained=True, tokenizer="model")
+            # A pretrained preset that ships no tokenizer (shapes: the real CLIP BPE) keeps its
+            # tokenizer, so its own retrained weights load the same way; anything else swapped
+            # for hub weights reads the tokenizer those weights come with.
+            keeps_tokenizer = preset.pretrained and preset.tokenizer == "clip"
+            updates.update(sd_model_id=model.sd_model_id, pretrained=True,
+                           tokenizer=preset.tokenizer if keeps_tokenizer else "model")
         if model.dino_model_id:
             updates.update(dino_model_id=model.dino_model_id)
         preset = Preset(**{**preset.__dict__, **updates})

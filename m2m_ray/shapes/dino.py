@@ -9,10 +9,11 @@ context's shape near chance however long it trained (BENCHMARKS.md, "Method fide
 
 Objective: SimCLR's NT-Xent (Chen et al. 2020) between two augmented views of each render, on the
 mean of the last hidden states (all tokens: M2M-DINO attends to every token) through a small
-projection head that is thrown away. The views differ by crop, scale, flips and quarter turns, blur
-and noise — changes that keep shape, colour, background and count — and by a hue turn small next to
-the distance between the colour classes (it removes each render's own hue jitter as a fingerprint
-of the image; without it the encoder matched views by that fingerprint and learned no shape).
+projection head that is thrown away. The views differ by a turn by any angle, a shift and a zoom, a
+flip, blur and noise — changes that keep shape, colour and background — and by a hue turn small next
+to the distance between the colour classes. Each of these removes a fingerprint by which the two
+views of one render could be matched without looking at its shape: the render's own hue jitter
+(without the hue turn the encoder learned no shape), its objects' rotation and their place.
 Labels are used only by ``linear_probe``, to measure the features.
 
     python -m m2m_ray.shapes.train dino --out m2m_ray/models/weights/shapes --threads 2
@@ -48,23 +49,26 @@ def features(dino: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One random view per image of ``x`` ``[B, 3, S, S]`` in [0, 1]: a crop of 70–100% of the side
-    at a random place, resized back (bilinear, reflected borders); flips; a quarter turn; blur on
-    half; a hue turn of up to ±12° and a brightness change of ±10%; noise on half. Shape, colour
-    class, background and count survive every one of them."""
+    """One random view per image of ``x`` ``[B, 3, S, S]`` in [0, 1]: a turn by any angle about a
+    shifted centre with a zoom of 1–1.4× (bilinear, reflected borders); a flip; blur on half; a hue
+    turn of up to ±12° and a brightness change of ±10%; noise on half. Shape, colour class and
+    background survive every one of them.
+
+    Why any angle and a wide shift: two views that share their objects' rotation (modulo the
+    quarter turns and flips) or their distance from the centre can be matched by that alone, the
+    way the first encoder matched views by each render's hue jitter and learned no shape."""
     batch = x.shape[0]
     scale = 0.7 + 0.3 * torch.rand(batch, generator=generator)
-    shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * (1 - scale[:, None])
+    angle = torch.rand(batch, generator=generator) * 2 * math.pi
+    shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * 0.25
     theta = torch.zeros(batch, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, 0, 0], theta[:, 0, 1] = scale * angle.cos(), -scale * angle.sin()
+    theta[:, 1, 0], theta[:, 1, 1] = scale * angle.sin(), scale * angle.cos()
     theta[:, :, 2] = shift
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    flip = torch.rand(batch, 2, generator=generator) < 0.5
-    x = torch.where(flip[:, 0, None, None, None], x.flip(-1), x)
-    x = torch.where(flip[:, 1, None, None, None], x.flip(-2), x)
-    turns = torch.randint(0, 4, (batch,), generator=generator)
-    x = torch.stack([torch.rot90(image, int(k), (-2, -1)) for image, k in zip(x, turns)])
+    flip = torch.rand(batch, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     kernel = (torch.tensor([1.0, 2.0, 1.0]) / 4)
     kernel = (kernel[:, None] * kernel[None, :]).expand(3, 1, 3, 3)
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), "replicate"), kernel, groups=3)

@@ -8,13 +8,16 @@ figure for the same attributes is the reference (a model that draws one image 25
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from m2m_ray.shapes import world
 from m2m_ray.shapes.readout import AttributeReadout, to_tensor
+
+if TYPE_CHECKING:
+    from m2m_ray.models.config import ModelConfig
 
 SCORED = ("shape", "colour", "background")
 
@@ -80,12 +83,13 @@ def renderer_diversity(keys: Sequence[tuple[str, str, str]], per_set: int, seed:
     return within_set_diversity(sets)
 
 
-def teacher_images(model_preset: str, captions: Sequence[str], images_per_caption: int,
+def teacher_images(model: "str | ModelConfig", captions: Sequence[str], images_per_caption: int,
                    guidance_scale: float = 7.5, steps: int = 25, seed: int = 0,
                    captions_per_batch: int = 4, first_id: int = 1) -> np.ndarray:
     """uint8 ``[S, images_per_caption, 32, 32, 3]``: the teacher sampled through MIS stage 2's
     ``SDSetGenerator`` (Euler, seeded per image) for each caption; caption s is generated as id
-    ``first_id + s`` (its images' seeds derive from it)."""
+    ``first_id + s`` (its images' seeds derive from it). ``model``: a preset name or a
+    ``ModelConfig`` (e.g. the shapes preset with ``sd_model_id`` set to retrained weights)."""
     from m2m_ray.mis.config import GenerateConfig
     from m2m_ray.mis.generate import SDSetGenerator
     from m2m_ray.models.config import ModelConfig
@@ -93,7 +97,7 @@ def teacher_images(model_preset: str, captions: Sequence[str], images_per_captio
     cfg = GenerateConfig(images_per_caption=images_per_caption, num_inference_steps=steps,
                          guidance_scale=guidance_scale, height=32, width=32, base_seed=seed,
                          actors={"num_gpus": 0}, keep_latents=False)
-    generator = SDSetGenerator(ModelConfig(preset=model_preset), cfg)
+    generator = SDSetGenerator(ModelConfig(preset=model) if isinstance(model, str) else model, cfg)
     sets = []
     for start in range(0, len(captions), captions_per_batch):
         chunk = list(captions[start:start + captions_per_batch])
@@ -106,13 +110,13 @@ def teacher_images(model_preset: str, captions: Sequence[str], images_per_captio
     return np.concatenate(sets)
 
 
-def teacher_agreement(model_preset: str, captions: Sequence[str],
+def teacher_agreement(model: "str | ModelConfig", captions: Sequence[str],
                       targets: Sequence[dict[str, Any]], images_per_caption: int = 25,
                       guidance_scale: float = 7.5, steps: int = 25, seed: int = 0,
                       readout: AttributeReadout | None = None) -> dict[str, Any]:
     """``teacher_images`` for each caption, read out and compared with the caption's
     attributes."""
-    images = teacher_images(model_preset, captions, images_per_caption, guidance_scale, steps,
+    images = teacher_images(model, captions, images_per_caption, guidance_scale, steps,
                             seed)                                   # (S, N, H, W, 3)
     readout = readout or AttributeReadout.load()
     predicted = readout.predict(images.reshape(-1, *images.shape[2:]))

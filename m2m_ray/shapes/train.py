@@ -208,7 +208,8 @@ def train_teacher(out: Path, steps: int, seed: int, batch: int = 128, lr: float 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        smooth = float(loss) if smooth is None else 0.98 * smooth + 0.02 * float(loss)
+        value = loss.item()
+        smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
         if step % 200 == 0 or step == steps:
             _log("teacher", step, steps, started, loss=smooth)
         if step % 1000 == 0 and step < steps:  # a usable teacher at every stage of a long run

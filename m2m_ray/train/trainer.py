@@ -25,8 +25,9 @@ from ray.train.torch import TorchTrainer
 
 from m2m_ray import storage
 from m2m_ray.config import config_to_dict
+from m2m_ray.data.training import use_stored_latents
 from m2m_ray.formats.mis import CorruptShardError
-from m2m_ray.runtime import task_errors_as
+from m2m_ray.runtime import check_pool_fits, task_errors_as
 from m2m_ray.train.checkpoint import resume_changes
 from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.export import export_pipeline
@@ -97,17 +98,27 @@ def build_trainer(cfg: TrainConfig, shards: list[dict[str, Any]] | None = None) 
     )
 
 
-def check_local_resources(cfg: TrainConfig, cpus: float) -> None:
-    """Fail fast where Ray would wait forever: on a fixed-size local Ray of ``cpus`` logical CPUs
-    (no autoscaler to add nodes), the training workers must leave room for one data read task.
+def check_local_resources(cfg: TrainConfig, cluster: dict[str, float]) -> None:
+    """Fail fast where Ray would wait forever: on a fixed-size local Ray whose resources are
+    ``cluster`` (``ray.cluster_resources()``; no autoscaler to add nodes), the training workers
+    must fit and leave room for one data read task (``run_training`` checks the VAE actors once it
+    knows whether the dataset's stored latents are used).
 
     Raises ``ValueError`` naming the numbers and the keys that fix it."""
-    workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    scaling = cfg.scaling
+    if scaling.use_gpu and scaling.num_workers * scaling.gpus_per_worker > gpus + 1e-9:
+        raise ValueError(
+            f"the local Ray has {gpus:g} GPUs; {scaling.num_workers} training workers × "
+            f"{scaling.gpus_per_worker:g} GPUs (scaling.use_gpu) would wait forever. Train on the "
+            "CPU with --scaling.use_gpu=false, lower scaling.num_workers, or submit the job to a "
+            "cluster with GPU nodes (ray job submit, or --ray.address)")
+    workers = scaling.num_workers * scaling.cpus_per_worker
     read = cfg.data.read.num_cpus
     if workers + read > cpus + 1e-9:
         raise ValueError(
-            f"the local Ray has {cpus:g} CPUs; {cfg.scaling.num_workers} training workers × "
-            f"{cfg.scaling.cpus_per_worker:g} CPUs leave {max(cpus - workers, 0):g} for the data "
+            f"the local Ray has {cpus:g} CPUs; {scaling.num_workers} training workers × "
+            f"{scaling.cpus_per_worker:g} CPUs leave {max(cpus - workers, 0):g} for the data "
             f"read tasks (data.read.num_cpus {read:g} each), so the run would wait forever. Raise "
             "ray.num_cpus (logical CPUs may exceed the cores), or lower scaling.cpus_per_worker "
             "or data.read.num_cpus")
@@ -150,14 +161,18 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     return a summary: run folder, last checkpoint, step, epoch, last metrics, the kept checkpoints
     with their metrics, skipped bad data, export."""
     start = time.perf_counter()
-    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
-        check_local_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    local = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
+    if local:
+        check_local_resources(cfg, ray.cluster_resources())
     cfg = with_absolute_paths(cfg)
     # Ray Train V2 patches print() on its workers to also log through the root logger, and tees
     # to stdout when Ray has wrapped it: every progress line reached the driver twice. Workers
     # inherit this variable from the driver (Ray Train propagates it); a user's setting wins.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     shards = training_shards(cfg)
+    if local and not use_stored_latents(cfg, tuple(row["shard"] for row in shards)):
+        # The workers' streams encode with VAE actors: one must fit the fixed-size local Ray.
+        check_pool_fits(cfg.data.vae_actors, "data.vae_actors", ray.cluster_resources())
     cfg, run_length = resolve_run_length(cfg, shards)
     check_resume(cfg)
     counter = start_error_counter(cfg)  # held here: the actor lives as long as this handle
