@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           + (f" {counts['skip_reasons']}" if counts["skip_reasons"] else "")
           + (f", {counts['sets_over_max_sets']} past protocol.max_sets"
              if counts["sets_over_max_sets"] else ""))
+    titles = report["metric_titles"]  # the shapes world measures other things under these keys
     for key, stats in summary.items():
         mean, std = stats["mean"], stats["std"]
-        print(f"{key}: " + ("n/a" if mean is None else f"{mean:.3f} ± {std:.3f}"))
+        print(f"{titles.get(key, key)}: "
+              + ("n/a" if mean is None else f"{mean:.3f} ± {std:.3f} over k"))
     print("reports: " + ", ".join(report["files"].values()), flush=True)
     return report
 
