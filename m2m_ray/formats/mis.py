@@ -279,10 +279,12 @@ class ShardWriter:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-def write_manifest(layout: MISLayout, expected_shards: list[int],
-                   extra: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite the manifest from the committed shards' stats files (the source of truth)."""
-    committed = layout.committed_stats()
+def write_manifest(layout: MISLayout, expected_shards: list[int], extra: dict[str, Any],
+                   committed: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Rewrite the manifest from the committed shards' stats files (the source of truth):
+    ``committed`` when the caller has just read them (``layout.committed_stats()``), else read
+    here."""
+    committed = layout.committed_stats() if committed is None else committed
     shards = [{"shard_id": sid, "shard": s["shard"], "sets": s["sets"], "images": s["images"],
                "formats": s["formats"]} for sid, s in sorted(committed.items())]
     manifest = {

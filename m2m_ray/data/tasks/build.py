@@ -168,10 +168,10 @@ def run_build_tasks(cfg: TaskDatasetConfig,
         with task_errors_as(TaskDataError):  # the reader's error naming the file
             ray.data.from_items(pending, override_num_blocks=len(pending)).map(
                 write_task_shard, fn_kwargs={"cfg_dict": config_to_dict(cfg)}).take_all()
-    skipped = skip_totals(layout.committed_stats().values())
-    manifest = write_manifest(layout, expected, {"task_dataset": cfg.kind,
-                                                 "units": len(units),
-                                                 "skipped": dict(skipped)})
+    committed = layout.committed_stats()  # one listing of the stats for both (object stores)
+    skipped = skip_totals(committed.values())
+    manifest = write_manifest(layout, expected, {"task_dataset": cfg.kind, "units": len(units),
+                                                 "skipped": dict(skipped)}, committed)
     log(f"[tasks] {manifest['sets']} sets ({manifest['images']} images) in "
         f"{manifest['committed_shards']} shards; skipped {dict(skipped) or 'none'}")
     return manifest
