@@ -14,7 +14,10 @@ flip, blur and noise — changes that keep shape, colour and background — and 
 to the distance between the colour classes. Each of these removes a fingerprint by which the two
 views of one render could be matched without looking at its shape: the render's own hue jitter
 (without the hue turn the encoder learned no shape), its objects' rotation and their place.
-Labels are used only by ``linear_probe``, to measure the features.
+Labels are used only by ``linear_probe``, to measure the features. Measured (1,500 steps × 256,
+``benchmarks/results/shapes_dino_ssl.json``): shape / colour / background probe 0.497 / 1.000 /
+0.851 against the random encoder's 0.371 / 1.000 / 0.590; quarter turns and a small shift instead
+of any angle and a wider shift gave 0.492 / 1.000 / 0.866.
 
     python -m m2m_ray.shapes.train dino --out m2m_ray/models/weights/shapes --threads 2
 
