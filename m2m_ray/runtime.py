@@ -42,6 +42,12 @@ def init_ray(cfg: "RayConfig") -> str:
             f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
 
 
+def started_local_ray() -> bool:
+    """Whether ``init_ray`` started the Ray of this process as a local one: a fixed-size cluster
+    with no autoscaler, where work asking for more than it has waits forever."""
+    return _started_local
+
+
 def actor_pool_args(pool: "ActorPoolConfig", key: str, work_units: int | None = None,
                     tasks_in_flight: int | None = None, initial_actors: int | None = None) -> dict:
     """``map_batches`` keyword arguments for an actor pool from its config: resources per actor and
@@ -53,7 +59,7 @@ def actor_pool_args(pool: "ActorPoolConfig", key: str, work_units: int | None = 
     raised here on a local Ray this process started."""
     import ray
 
-    if _started_local:
+    if started_local_ray():
         check_pool_fits(pool, key, ray.cluster_resources())
 
     bounds = [n for n in (pool.max_actors, work_units) if n is not None]

@@ -280,7 +280,8 @@ def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any
     if items:
         features = ray.data.from_items(items).map_batches(
             SetFeatureExtractor, fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg)},
-            batch_size=cfg.sets_per_batch, batch_format="numpy", **actor_pool_args(cfg.actors, "actors"))
+            batch_size=cfg.sets_per_batch, batch_format="numpy",
+            **actor_pool_args(cfg.actors, "actors"))
         partials = features.sort("group").map_batches(
             reduce_partials, fn_kwargs={"is_splits": cfg.is_splits, "resizes": resizes},
             batch_size=cfg.reduce_batch_rows, batch_format="numpy")

@@ -240,7 +240,8 @@ def run_generate(cfg: GenerateJobConfig) -> dict[str, Any]:
     else:
         generated = sets.map_batches(
             M2MSetGenerator, fn_constructor_kwargs={"cfg_dict": cfg_dict},
-            batch_size=cfg.sets_per_batch, batch_format="numpy", **actor_pool_args(cfg.actors, "actors"))
+            batch_size=cfg.sets_per_batch, batch_format="numpy",
+            **actor_pool_args(cfg.actors, "actors"))
         batches = _named_read_errors(  # as they come
             generated.iter_batches(batch_format="numpy", batch_size=None))
     for batch in batches:

@@ -27,7 +27,7 @@ from m2m_ray import storage
 from m2m_ray.config import config_to_dict
 from m2m_ray.data.training import use_stored_latents
 from m2m_ray.formats.mis import CorruptShardError
-from m2m_ray.runtime import check_pool_fits, task_errors_as
+from m2m_ray.runtime import check_pool_fits, started_local_ray, task_errors_as
 from m2m_ray.train.checkpoint import resume_changes
 from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.export import export_pipeline
@@ -161,7 +161,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     return a summary: run folder, last checkpoint, step, epoch, last metrics, the kept checkpoints
     with their metrics, skipped bad data, export."""
     start = time.perf_counter()
-    local = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
+    local = started_local_ray()
     if local:
         check_local_resources(cfg, ray.cluster_resources())
     cfg = with_absolute_paths(cfg)
