@@ -432,6 +432,14 @@ def test_resume_follows_the_new_schedule_and_refuses_what_cannot_change(mis, tmp
     with pytest.raises(ValueError, match="m2m.variant"):
         resume_changes(saved, _cfg(mis, tmp_path, max_steps=20, optim=optim,
                                    m2m={"variant": "dino"}))
+    # a checkpoint written before a setting existed resumes with that setting at its default
+    # (a demo run from before m2m.camera_frame was refused with "None → 'relative'")
+    older = json.loads(json.dumps(saved))
+    del older["m2m"]["camera_frame"]
+    assert resume_changes(older, longer) == changes
+    with pytest.raises(ValueError, match="m2m.camera_frame: 'relative' → 'world'"):
+        resume_changes(older, _cfg(mis, tmp_path, max_steps=20, optim=optim,
+                                   m2m={"camera_frame": "world"}))
 
 
 def test_relative_local_paths_reach_the_workers_absolute(mis, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from m2m_ray.models.m2m_unet import WEIGHTS_NAME, M2MUNet
@@ -102,6 +103,13 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
     settings of ``FIXED_ON_RESUME`` that changed and how to start a new run instead."""
     new = _flat(cfg.model_dump(mode="json"))
     old = _flat(saved)
+    # A setting added to the schema after the checkpoint was written is read at its default, as
+    # loading that run's export reads it; otherwise every old run would refuse to resume.
+    try:
+        filled = _flat(type(cfg).model_validate(saved).model_dump(mode="json"))
+    except ValidationError:  # a key since removed: compare what both versions know
+        filled = {}
+    old.update({key: value for key, value in filled.items() if key not in old})
     changed = [key for key in sorted(set(new) | set(old)) if new.get(key) != old.get(key)]
     # bookkeeping of the run length and of the resolved max_steps is not a change of the run
     changed = [key for key in changed if key not in ("num_epochs",)]
