@@ -103,6 +103,23 @@ class _StandIn:
         return torch.stack(out)
 
 
+def test_agreement_by_value_says_which_value_misses_and_what_it_becomes():
+    from m2m_ray.eval.fidelity import _by_value, _value_cell
+
+    targets = [{"shape": "circle", "colour": "red", "background": "plain"},
+               {"shape": "square", "colour": "red", "background": "plain"},
+               {"shape": "circle", "colour": "blue", "background": "dots"}]
+    predicted = {"shape": ["circle", "circle", "circle", "square", "circle", "circle"],
+                 "colour": ["red"] * 4 + ["blue"] * 2, "background": ["plain"] * 6}
+    split = _by_value(predicted, targets, per=2)
+    assert split["shape"] == {"circle": {"sets": 2, "generated": {"circle": 1.0}},
+                              "square": {"sets": 1, "generated": {"circle": 0.5, "square": 0.5}}}
+    assert split["colour"]["red"] == {"sets": 2, "generated": {"red": 1.0}}
+    assert split["background"]["dots"] == {"sets": 1, "generated": {"plain": 1.0}}
+    assert _value_cell("square", split["shape"]["square"]) == "square 0.50 (1; circle 0.50)"
+    assert _value_cell("dots", split["background"]["dots"]) == "dots 0.00 (1; plain 1.00)"
+
+
 def test_fidelity_of_a_copier_is_one_and_of_an_ignorer_the_base_rate(tmp_path):
     keys = [("circle", "red", "stripes"), ("square", "blue", "plain"),
             ("triangle", "green", "dots"), ("cross", "yellow", "stripes")]
@@ -114,6 +131,8 @@ def test_fidelity_of_a_copier_is_one_and_of_an_ignorer_the_base_rate(tmp_path):
         assert row["m2m"] == {"shape": 1.0, "colour": 1.0, "background": 1.0}
         assert row["teacher"]["colour"] == 1.0
         assert all(len(k) == 3 for k in row["m2m_per_k"][:1])
+        assert row["m2m_by_value"]["shape"] == {s: {"sets": 3, "generated": {s: 1.0}} for s in
+                                                ("circle", "cross", "square", "triangle")}
         assert row["context_dropped"]["colour"] < 0.7
     ignorer = measure_fidelity(_StandIn(copy=False), sets, [2], spec)["rows"][0]
     for name in ("shape", "colour", "background"):
@@ -122,5 +141,6 @@ def test_fidelity_of_a_copier_is_one_and_of_an_ignorer_the_base_rate(tmp_path):
         measure_fidelity(_StandIn(copy=True), sets, [3], spec)
     results = {"model": "stand-in", "variant": "self", "sources": [copier]}
     assert "| renderer (12 sets) | 2 | **1.000**" in render_fidelity_markdown(results)
+    assert "| renderer | 2 | circle 1.00 (3), cross 1.00 (3)" in render_fidelity_markdown(results)
     paths = write_fidelity_report(results, str(tmp_path / "f.json"))
     assert Image.open(paths["sheet"]).size[0] > 0 and "examples" not in open(paths["json"]).read()

@@ -176,7 +176,8 @@ def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
     for K in ks:
         targets = context_attributes(readout, sets.images[:, :K])
         generated = _generate(pipe, sets.images[:, :K], spec, seed)
-        agree = _agree(readout.predict(generated.reshape(S * M, *generated.shape[2:])), targets, M)
+        read = readout.predict(generated.reshape(S * M, *generated.shape[2:]))
+        agree = _agree(read, targets, M)
         base = _agree(dropped_read, targets, M)
         teacher = (None if reference is None else
                    _agree(reference_read, targets, reference.shape[1]).mean(axis=(1, 2)))
@@ -186,6 +187,7 @@ def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
             "m2m": _by_attribute(agree.mean(axis=(1, 2))),
             "m2m_all_three": round(float(agree.all(axis=0).mean()), 4),
             "m2m_per_k": [_by_attribute(agree[:, :, k].mean(axis=1)) for k in range(M)],
+            "m2m_by_value": _by_value(read, targets, M),
             "context_dropped": _by_attribute(base.mean(axis=(1, 2))),
             "base_rate": {name: round(float(np.mean([frequency[name][t[name]] / (S * M)
                                                      for t in targets])), 4) for name in SCORED},
@@ -196,6 +198,22 @@ def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
             rows[-1]["examples"] = {"context": sets.images[:8, :K], "generated": generated[:8],
                                     "captions": sets.captions[:8]}
     return {"source": sets.name, "sets": S, "generated_images": M, "rows": rows}
+
+
+def _by_value(predicted: dict[str, list[str]], targets: Sequence[dict[str, str]], per: int
+              ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Generated values split by the context's value: ``{attribute: {context value: {"sets": n,
+    "generated": {value: fraction}}}}``, so a miss shows whether it is spread or one value's, and
+    what that value becomes (e.g. squares drawn as circles)."""
+    out = {}
+    for name in SCORED:
+        split: dict[str, list[str]] = {}
+        for i, value in enumerate(predicted[name]):
+            split.setdefault(targets[i // per][name], []).append(value)
+        out[name] = {value: {"sets": len(drawn) // per, "generated": {
+            v: round(n / len(drawn), 4) for v, n in Counter(drawn).most_common()}}
+            for value, drawn in sorted(split.items())}
+    return out
 
 
 def _by_attribute(values: np.ndarray) -> dict[str, float]:
@@ -209,6 +227,13 @@ def _method(results: dict[str, Any]) -> str:
     """The paper's name of the measured variant: M2M-Self or M2M-DINO."""
     return {"self": "M2M-Self", "dino": "M2M-DINO"}.get(results["variant"],
                                                        f"M2M-{results['variant']}")
+
+
+def _value_cell(value: str, split: dict[str, Any]) -> str:
+    """``"square 0.42 (24; circle 0.55)"``: agreement, sets and the most frequent other value."""
+    others = [(v, f) for v, f in split["generated"].items() if v != value]
+    other = f"; {others[0][0]} {others[0][1]:.2f}" if others else ""
+    return f"{value} {split['generated'].get(value, 0.0):.2f} ({split['sets']}{other})"
 
 
 def render_fidelity_markdown(results: dict[str, Any]) -> str:
@@ -227,6 +252,17 @@ def render_fidelity_markdown(results: dict[str, Any]) -> str:
                      + (f"{teacher[a]:.3f}" if a in teacher else "–") for a in SCORED]
             lines.append(f"| {source['source']} ({source['sets']} sets) | {row['K']} | "
                          + " | ".join(cells) + f" | {row['m2m_all_three']:.3f} |")
+    by_value = [(source, source["rows"][-1]) for source in results["sources"]
+                if "m2m_by_value" in source["rows"][-1]]
+    if by_value:
+        lines += ["", "M2M's agreement by the context's value (largest K; sets, and the most "
+                  "frequent other value generated, in brackets):", "",
+                  "| context source | K | " + " | ".join(SCORED) + " |",
+                  "|---|---|" + "---|" * len(SCORED)]
+        lines += [f"| {source['source']} | {row['K']} | " + " | ".join(
+            ", ".join(_value_cell(value, split) for value, split
+                      in row["m2m_by_value"][a].items()) for a in SCORED) + " |"
+            for source, row in by_value]
     drift = results.get("drift")
     if drift:
         row = drift["rows"][0]
