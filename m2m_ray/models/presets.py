@@ -8,7 +8,8 @@
 - ``shapes``: the shapes world's toy models (``m2m_ray.shapes``): a trained toy VAE, text encoder
   and UNet, shipped in ``models/weights/shapes/`` in the diffusers folder layout and loaded through
   the same ``from_pretrained`` calls as ``sd21-base`` (offline; the images mean something); the real
-  CLIP tokenizer; a small seeded DINOv2 for M2M-DINO.
+  CLIP tokenizer; for M2M-DINO a small DINOv2-architecture encoder trained self-supervised on
+  renders (``m2m_ray.shapes.dino``, ``models/weights/shapes/dino``).
 - ``sd21-base-random``: the full SD-2.1-base / DINOv2-giant architectures with random weights and no
   download, for speed and memory work where only the tensor shapes matter.
 
@@ -160,7 +161,8 @@ PRESETS: dict[str, Preset] = {
                         sd_model_id=SD21_BASE_ID, dino_model_id=DINOV2_GIANT_ID,
                         tokenizer="model"),
     "shapes": Preset("shapes", pretrained=True, resolution=32, dino_resolution=32,
-                     sd_model_id=str(SHAPES_WEIGHTS), dino_config=SHAPES_DINO_CONFIG),
+                     sd_model_id=str(SHAPES_WEIGHTS), dino_model_id=str(SHAPES_WEIGHTS / "dino"),
+                     dino_config=SHAPES_DINO_CONFIG),
     "sd21-base-random": Preset(
         "sd21-base-random", pretrained=False, resolution=512, dino_resolution=224,
         unet_config=SD21_UNET_CONFIG, vae_config=SD21_VAE_CONFIG, text_config=SD21_TEXT_CONFIG,

@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     defaults = {"readout": (3000, 128), "vae": (4000, 32), "teacher": (8000, 128),
-                "dino": (1500, 256)}[args.what]
+                "dino": (5000, 128)}[args.what]
     steps, batch = args.steps or defaults[0], args.batch or defaults[1]
     from m2m_ray.shapes.dino import train_dino
 
