@@ -71,9 +71,11 @@ def features(dino: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def augment(x: torch.Tensor, generator: torch.Generator, colour: str = "keep") -> torch.Tensor:
     """One random view per image of ``x`` ``[B, 3, S, S]`` in [0, 1]: a turn by any angle about a
-    shifted centre with a zoom of 1–1.4× (bilinear, reflected borders); a flip; blur on half; a hue
-    turn of up to ±12° and a brightness change of ±10%; noise on half. Shape, colour class and
-    background survive every one of them.
+    shifted centre with a zoom of 1–1.4× (bilinear, reflected borders); a flip; blur on half; then
+    ``colour="keep"``: a hue turn of up to ±12° and a brightness change of ±10% (shape, colour class
+    and background survive), or ``colour="drop"``: a hue turn by any angle and contrast and
+    brightness ×0.6–1.4 (shape and background survive, colour does not); noise on half. Raises
+    ``ValueError`` for another ``colour``.
 
     Why any angle and a wide shift: two views that share their objects' rotation (modulo the
     quarter turns and flips) or their distance from the centre can be matched by that alone, the
