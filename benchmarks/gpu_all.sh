@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of the project in one device call, on the full SD-2.1-base / DINOv2-giant
-# shapes with random weights (no download, no Ray): results and logs under $OUT.
+# Issue 18's GPU measurements in one device call (≈ 6 min on an H200), on the full SD-2.1-base /
+# DINOv2-giant shapes with random weights (no download, no Ray): raw JSON and logs under $OUT,
+# side by side in one run — generation levers, training-step levers, sampling — each with the
+# matmul rate measured in its own process (the MFU denominator) and a profiler summary.
 #
-#   device run (carry .whl and .cache; see BENCHMARKS.md "GPU runs"):
+#   device run (carry .whl, the diffusers wheel, and .cache, the CLIP BPE; BENCHMARKS.md "GPU plan"):
 #     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash benchmarks/gpu_all.sh
-#   dry run here on the CPU with the tiny preset:
-#     PRESET=tiny DEVICE=cpu OUT=/tmp/gpu_dry bash benchmarks/gpu_all.sh
-#   only some of them (the open question as of 2026-11-26: DINO vs plain at 50 steps, batch 8):
-#     ONLY=sampling bash benchmarks/gpu_all.sh
+#   dry run here on the CPU with the tiny preset (every benchmark, smallest settings, ≈ 3 min):
+#     PRESET=tiny DEVICE=cpu SCALE=0 OUT=/tmp/gpu_dry bash benchmarks/gpu_all.sh
+#   some of them, e.g. the levers that compile for minutes (not in the default set):
+#     ONLY=train_compile,generation_autotune bash benchmarks/gpu_all.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 PRESET=${PRESET:-sd21-base-random}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-1}           # 0: smallest settings (dry runs)
-ONLY=${ONLY:-generation,sampling,train_step,attention,eval}  # comma-separated subset
+ONLY=${ONLY:-generation,train_step,sampling}  # comma-separated subset; more: see below
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 export M2M_RAY_CLIP_BPE=${M2M_RAY_CLIP_BPE:-$PWD/.cache/bpe_simple_vocab_16e6.txt.gz}
 export M2M_RAY_CACHE=${M2M_RAY_CACHE:-$PWD/.cache}
@@ -33,31 +35,55 @@ run() {  # run NAME LIMIT_S CMD...: stdout+stderr into all.log, stdout alone int
   [[ ",$ONLY," == *",$name,"* ]] || return 0
   echo "=== $name: $*" | tee -a "$LOG"
   local start=$SECONDS
-  timeout "$limit" "$@" 2>>"$LOG" | tee "$OUT/$name.txt" >>"$LOG"
+  timeout "$limit" "$@" 2>>"$LOG" | tee -a "$OUT/$name.txt" >>"$LOG"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: rc=$rc in $((SECONDS - start)) s" | tee -a "$LOG"
 }
 
 if [ "$SCALE" = 0 ]; then
-  GEN_ARGS="--captions 2 --steps 2 --images-per-caption 4"; SAMPLE_ARGS="--steps 2 --repeats 1 --warmup 0"
-  TRAIN_ARGS="--batch-size 1 --images-per-set 3 --steps 1 --warmup 1"; EVAL_ARGS="--images 2 --batch 2"
-  ATTN_ARGS="--repeats 1 --budget 1"
-else
-  GEN_ARGS="--captions 4 --steps 30 --captions-per-batch 2"; SAMPLE_ARGS="--batch 8 --steps 50 --repeats 2 --warmup 1"
-  TRAIN_ARGS="--batch-size 8 --images-per-set 8 --steps 8 --warmup 2 --precision bf16"
-  EVAL_ARGS="--images 512 --batch 64"; ATTN_ARGS="--repeats 3 --budget 10"
+  GEN="--captions 2 --steps 2 --images-per-caption 4"
+  TRAIN="--images-per-set 3 --steps 1 --warmup 1"; BIG=2; SMALL=1
+  SAMPLE="--batch 2 --steps 2 --repeats 1 --warmup 1 --warmup-steps 1 --profile-steps 1"
+  EVAL="--images 2 --batch 2"; ATTN="--repeats 1 --budget 1"
+else  # the paper's settings: 50 Euler steps, 25 images per caption, 512 px; N = 8, K ≤ 8
+  GEN="--captions 2 --steps 50 --warmup-steps 2 --profile-steps 3"
+  TRAIN="--images-per-set 8 --steps 4 --warmup 2 --precision bf16"; BIG=8; SMALL=2
+  SAMPLE="--batch 8 --steps 50 --repeats 1 --warmup 1 --warmup-steps 2 --profile-steps 3"
+  EVAL="--images 512 --batch 64"; ATTN="--repeats 3 --budget 10"
 fi
+# 1. Generation (≈ 3 min): naive vs ours, then one lever at a time against the fp16 eager
+#    reference (drift reported), compile last (it compiles on the warm-up batch, ≈ 1–2 min).
 # shellcheck disable=SC2086
-run generation 170 python3 benchmarks/generation.py --preset "$PRESET" --device "$DEVICE" \
-    --dtype float16 $GEN_ARGS --out "$OUT/generation.json"
+run generation 200 python3 benchmarks/generation.py --preset "$PRESET" --device "$DEVICE" \
+    --dtype float16 $GEN --variants c2 c2-bf16 c2-fused c2-fused-compile --profile \
+    --out "$OUT/generation.json"
+# 2. Training step (≈ 1.5 min), one process each: bf16 autocast; checkpointing on at BIG sets
+#    (the current default), fused AdamW, checkpointing off at SMALL and 1 set (OOM is a result).
+T="python3 benchmarks/train_step.py --preset $PRESET --device $DEVICE $TRAIN"
+train_steps() {
+  $T --variant self --batch-size $BIG --gradient-checkpointing
+  $T --variant self --batch-size $BIG --gradient-checkpointing --fused-adamw --profile
+  $T --variant self --batch-size $SMALL --no-gradient-checkpointing --fused-adamw
+  $T --variant self --batch-size 1 --no-gradient-checkpointing --fused-adamw
+  $T --variant dino --batch-size $BIG --gradient-checkpointing --fused-adamw
+}
+run train_step 120 bash -c "$(declare -f train_steps); T='$T' BIG=$BIG SMALL=$SMALL; train_steps"
+# 3. Sampling (≈ 1.5 min): plain, sd-text, Self cached, DINO at K = 1, 4, 8; uncached at 8 only
+#    (9× the FLOPs; the cache goal is at K = 8); profile of plain and DINO at K = 8.
 # shellcheck disable=SC2086
-run sampling 300 python3 benchmarks/sampling.py --preset "$PRESET" --device "$DEVICE" $SAMPLE_ARGS \
-    --out "$OUT/sampling.json"
+run sampling 110 python3 benchmarks/sampling.py --preset "$PRESET" --device "$DEVICE" $SAMPLE \
+    --contexts 1,4,8 --uncached-contexts 8 --profile --out "$OUT/sampling.json"
+# Not in the default set (minutes each, for a second call): compiled training, max-autotune
+# generation, and the earlier attention and evaluation benchmarks.
 # shellcheck disable=SC2086
-run train_step 120 python3 benchmarks/train_step.py --preset "$PRESET" --device "$DEVICE" \
-    --variant both $TRAIN_ARGS
+run train_compile 300 $T --variant self --batch-size $BIG --gradient-checkpointing --fused-adamw \
+    --compile
 # shellcheck disable=SC2086
-run attention 70 python3 benchmarks/attention.py --preset "$PRESET" --device "$DEVICE" $ATTN_ARGS
+run generation_autotune 400 python3 benchmarks/generation.py --preset "$PRESET" \
+    --device "$DEVICE" --dtype float16 $GEN --variants c2-fused c2-fused-compile:max_autotune \
+    --out "$OUT/generation_autotune.json"
 # shellcheck disable=SC2086
-run eval 60 python3 benchmarks/eval_throughput.py --device "$DEVICE" $EVAL_ARGS
+run attention 70 python3 benchmarks/attention.py --preset "$PRESET" --device "$DEVICE" $ATTN
+# shellcheck disable=SC2086
+run eval 60 python3 benchmarks/eval_throughput.py --device "$DEVICE" $EVAL
 echo "done: $(ls "$OUT")"

@@ -38,13 +38,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch.utils import flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.perf import count_flops, profile_summary, sync  # noqa: E402
 from m2m_ray.models import presets  # noqa: E402
 from m2m_ray.models.codec import ImageCodec  # noqa: E402
 from m2m_ray.models.config import M2MConfig, ModelConfig  # noqa: E402
@@ -60,22 +59,6 @@ from m2m_ray.sampling.sampler import (  # noqa: E402
 
 GUIDANCE = 3.0
 GOALS = {"dino_vs_plain_at_8": 1.15, "cache_speedup_at_8": 3.0, "self_cached_vs_floor_at_8": 1.2}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def count_flops(fn: Callable[[], None]) -> int:
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def _skip_attn2(unet: torch.nn.Module) -> torch.nn.Module:
@@ -168,16 +151,16 @@ def measure(case: Case, args, plain_unet: torch.nn.Module) -> dict:
         row["floor_gflops_per_image"] = case.floor_flops(args.steps, plain_unet) / 1e9
     if args.flops_only:
         return row
-    for _ in range(args.warmup):
-        case.run(args.steps)
-    _sync(case.device)
+    for _ in range(args.warmup):  # kernels, allocator and autotuning: the step count is moot
+        case.run(args.warmup_steps or args.steps)
+    sync(case.device)
     # CPU: process CPU time (robust on a shared machine with --threads 1); GPU: synchronised wall.
     clock = time.process_time if case.device.type == "cpu" else time.perf_counter
     times = []
     for _ in range(args.repeats):
         started = clock()
         case.run(args.steps)
-        _sync(case.device)
+        sync(case.device)
         times.append((clock() - started) / args.batch)
     row.update(seconds_per_image=statistics.median(times),
                seconds_all=[round(t, 4) for t in times])
@@ -208,17 +191,34 @@ def build_parts(args) -> dict:
 def run(args) -> dict:
     parts = build_parts(args)
     results = []
-    plan = [("plain", 0), ("sd-text", 0)] + [(m, k) for k in args.contexts
-                                              for m in ("self-cached", "self-uncached", "dino")]
+    uncached = args.contexts if args.uncached_contexts is None else args.uncached_contexts
+    plan = [("plain", 0), ("sd-text", 0)] + [
+        (m, k) for k in args.contexts for m in ("self-cached", "self-uncached", "dino")
+        if m != "self-uncached" or k in uncached]
+    cases = {}
     for method, num_context in plan:
         parts["codec"] = parts["codec_dino" if method == "dino" else "codec_self"]
-        row = measure(Case(args, method, num_context, parts), args, parts["plain"])
+        cases[method, num_context] = case = Case(args, method, num_context, parts)
+        row = measure(case, args, parts["plain"])
         results.append(row)
+        if args.out:  # a run cut short by the device call's timeout keeps its rows
+            Path(args.out).write_text(json.dumps({"benchmark": "sampling", "partial": True,
+                                                  "settings": vars(args), "results": results},
+                                                 indent=2))
         seconds = "" if args.flops_only else f"{row['seconds_per_image']:.4f} s/image, "
         print(f"{method:>14} K={num_context}: {seconds}{row['gflops_per_image']:.1f} GFLOP/image",
               flush=True)
-    return {"benchmark": "sampling", "machine": machine(args), "settings": vars(args),
-            "results": results, "goals": {} if args.flops_only else goals(results)}
+    report = {"benchmark": "sampling", "machine": machine(args), "settings": vars(args),
+              "results": results, "goals": {} if args.flops_only else goals(results)}
+    if args.profile and not args.flops_only:  # where DINO's time goes next to plain's
+        widest = max(args.contexts)
+        report["profile"] = {
+            f"{method} K={k}": profile_summary(lambda: cases[method, k].run(args.profile_steps),
+                                               parts["device"])
+            for method, k in (("plain", 0), ("dino", widest))}
+        for name, summary in report["profile"].items():
+            print(f"--- {name}, {args.profile_steps} steps\n{summary.pop('table')}", flush=True)
+    return report
 
 
 def goals(results: list[dict]) -> dict:
@@ -279,6 +279,14 @@ def main(argv: list[str] | None = None) -> dict:
                         default=[1, 4, 8])
     parser.add_argument("--batch", type=int, default=1, help="sets generated together")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="denoising steps of a warm-up run (default: --steps)")
+    parser.add_argument("--uncached-contexts", type=lambda s: [int(k) for k in s.split(",")],
+                        default=None, help="the Ks at which self-uncached runs (default: all); "
+                        "it is the slowest by far")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile plain and dino at the largest K (where the time goes)")
+    parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); "
                         "use 1 on a shared CPU, where spinning OpenMP threads distort timings")

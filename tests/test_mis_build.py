@@ -369,6 +369,30 @@ def test_every_regenerated_image_is_bit_exact(single_thread):
 
 
 @pytest.mark.timeout(300)
+def test_speed_levers_are_stored_and_regenerate_exactly(single_thread):
+    """Issue 18: fused QKV projections and a pinned SDPA kernel (opt-in levers of the generator)
+    are stored with each set, move pixels by at most a grey level or so, and the set regenerates
+    bit-exactly from its metadata; a kernel the CPU lacks is refused by name."""
+    plain, _ = _records(_generator(images_per_caption=4), CAPTIONS[:1])
+    generator = _generator(images_per_caption=4, fuse_qkv=True, attention_backend="math")
+    assert {type(p).__name__ for p in generator.pipe.unet.attn_processors.values()} == {
+        "FusedAttnProcessor2_0"}
+    fused, _ = _records(generator, CAPTIONS[:1])
+    record = fused[0]
+    assert record.metadata["fuse_qkv"] is True and record.metadata["attention_backend"] == "math"
+    assert record.metadata["compile"] == "none" and plain[0].metadata["fuse_qkv"] is False
+    for a, b in zip(plain[0].images, record.images):
+        diff = np.abs(np.asarray(Image.open(io.BytesIO(a)), dtype=np.int16)
+                      - np.asarray(Image.open(io.BytesIO(b)), dtype=np.int16))
+        assert diff.max() <= 2, "fusing the projections changed the math, not just the kernels"
+    again = regenerate_set(record.caption, record.caption_id, record.metadata)
+    assert all(np.array_equal(np.asarray(a), np.asarray(Image.open(io.BytesIO(b))))
+               for a, b in zip(again, record.images))
+    with pytest.raises(ValueError, match="attention_backend 'efficient'.*CPU"):
+        _generator(attention_backend="efficient")
+
+
+@pytest.mark.timeout(300)
 def test_non_finite_sets_are_retried_in_float32_or_rejected(single_thread, monkeypatch):
     """Issue 17.4: NaN from the UNet never becomes a stored black image: in float32 the set is
     rejected with its reason (the other set of the batch is kept); in a lower precision it is made

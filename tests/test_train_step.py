@@ -482,9 +482,12 @@ def test_train_step_benchmark_reports_json():
     for variant in ("self", "dino"):
         args = argparse.Namespace(preset="tiny", device="cpu", variant=variant, batch_size=1,
                                   images_per_set=2, steps=1, warmup=0, precision="fp32",
-                                  gradient_checkpointing=None, ema=True, seed=0, threads=None)
+                                  gradient_checkpointing=None, ema=True, seed=0, threads=None,
+                                  compile=None, fused_adamw=variant == "dino", profile=False)
         result = json.loads(json.dumps(bench.measure(args)))
         assert result["samples_per_s"] > 0 and result["peak_memory"]["bytes"] > 0
+        assert result["flops_per_step"] > 0 and result["mfu"] > 0
+        assert result["paper_plan"]["accumulation_steps"] == 32  # 32 sets per GPU, 1 at a time
         assert (result["dino_forward_s"] is None) == (variant == "self")
         assert result["settings"]["gradient_checkpointing"] is False  # CPU default
 

@@ -91,6 +91,17 @@ class GenerateConfig(StrictModel):
                                 "and the value is stored with it (it changes the last bits).")
     channels_last: bool = Field(False, description="UNet in channels-last memory format on GPU; "
                                 "measured 0.88x of contiguous on an H200 (BENCHMARKS.md).")
+    fuse_qkv: bool = Field(False, description="UNet attention with fused query/key/value "
+                           "projections (diffusers `fuse_qkv_projections`): one matmul instead of "
+                           "three; stored with each set (it may change the last bits).")
+    compile: Literal["none", "default", "max-autotune-no-cudagraphs", "max-autotune",
+                     "reduce-overhead"] = Field(
+        "none", description="torch.compile mode of the UNet (`reduce-overhead` and `max-autotune` "
+        "add CUDA graphs); compiles on the first batch, minutes for SD-2.1's UNet. Stored with "
+        "each set: fused kernels change the last bits.")
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
+        "auto", description="The SDPA kernels the UNet's attention may use (torch.nn.attention."
+        "sdpa_kernel); auto: torch picks. On the CPU only auto, flash and math exist.")
     encode_threads: int = Field(4, ge=1, description="Threads per actor encoding and writing "
                                 "images while the GPU denoises the next batch.")
     max_shard_attempts: int = Field(3, ge=1, description="Rounds over pending shards before "

@@ -34,6 +34,7 @@ import diffusers
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import m2m_ray
 from m2m_ray.formats.ids import image_seed
@@ -47,6 +48,8 @@ from m2m_ray.runtime import pick_device, torch_dtype
 log = logging.getLogger(__name__)
 
 _PIL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "png": "PNG"}
+_SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 
 def initial_noise(seeds: list[int], latent_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -120,6 +123,7 @@ class SDSetGenerator:
                                              self.dtype)
         if self.device.type == "cuda" and self.cfg.channels_last:
             self.pipe.unet.to(memory_format=torch.channels_last)
+        self._speed_options()
         self.codec = ImageCodec(self.pipe.vae, vae_batch_size=self.cfg.vae_batch_size)
         factor = self.pipe.vae_scale_factor  # 8 for SD-2.1-base, 4 for the shapes VAE
         if self.cfg.height % factor or self.cfg.width % factor:
@@ -130,6 +134,24 @@ class SDSetGenerator:
         self._float32: SDSetGenerator | None = None  # the retry of non-finite sets, on first need
         log.info("SDSetGenerator ready: preset=%s device=%s dtype=%s", self.model.preset,
                  self.device, self.dtype)
+
+    def _speed_options(self) -> None:
+        """Apply ``fuse_qkv`` and ``compile`` to the UNet and check ``attention_backend``: the
+        opt-in speed levers that ``benchmarks/generation.py`` measures (BENCHMARKS.md)."""
+        backend = self.cfg.attention_backend
+        if self.device.type == "cpu" and backend in ("efficient", "cudnn"):
+            raise ValueError(f"generate.attention_backend {backend!r}: torch has no such SDPA "
+                             "kernel on the CPU; use auto, flash or math there")
+        if self.cfg.fuse_qkv:
+            self.pipe.unet.fuse_qkv_projections()
+        if self.cfg.compile != "none":
+            self.pipe.unet.compile(mode=self.cfg.compile)  # in place: the class stays
+
+    def _attention(self) -> contextlib.AbstractContextManager:
+        """Where the UNet and VAE run: restricted to ``attention_backend``'s SDPA kernel."""
+        backend = self.cfg.attention_backend
+        return contextlib.nullcontext() if backend == "auto" else sdpa_kernel(
+            _SDPA_BACKENDS[backend])
 
     @functools.cached_property
     def metadata(self) -> dict[str, Any]:
@@ -153,6 +175,8 @@ class SDSetGenerator:
             # Images per VAE call (within the set) and the UNet's memory format pick the kernels.
             "vae_batch_size": self.cfg.vae_batch_size,
             "channels_last": self.device.type == "cuda" and self.cfg.channels_last,
+            "fuse_qkv": self.cfg.fuse_qkv, "compile": self.cfg.compile,
+            "attention_backend": self.cfg.attention_backend,
             # Exactness also needs the same libraries (and on a GPU the same model of GPU).
             "torch_version": torch.__version__,
             "diffusers_version": diffusers.__version__,
@@ -184,7 +208,7 @@ class SDSetGenerator:
             do_classifier_free_guidance=self.cfg.guidance_scale > 1.0)
         poisoned = self.cfg.fault_injection.nan_unet_output_on_caption
         with (_nan_unet_rows(self.pipe.unet, count, n, list(caption_ids).index(poisoned))
-              if poisoned in caption_ids else contextlib.nullcontext()):
+              if poisoned in caption_ids else contextlib.nullcontext()), self._attention():
             latents = self.pipe(
                 prompt_embeds=prompt_embeds.repeat_interleave(n, 0),         # (C*N, 77, D)
                 negative_prompt_embeds=(None if negative_embeds is None
@@ -194,7 +218,8 @@ class SDSetGenerator:
                 guidance_scale=self.cfg.guidance_scale,
                 height=self.cfg.height, width=self.cfg.width, output_type="latent",
             ).images.unflatten(0, (count, n))                                  # (C, N, 4, h, w)
-        pixels = self.decode_sets(latents)                                     # (C, N, 3, H, W)
+        with self._attention():
+            pixels = self.decode_sets(latents)                                 # (C, N, 3, H, W)
         found = _non_finite(latents, pixels)
         out = GeneratedSets(
             np.asarray(seeds, dtype=np.int64), to_uint8(pixels),
@@ -217,7 +242,8 @@ class SDSetGenerator:
             return
         log.warning("caption %d: %s; generating it again in float32", caption_id, reason)
         if self._float32 is None:
-            cfg = self.cfg.model_copy(update={"dtype": "float32", "captions_per_batch": 1})
+            cfg = self.cfg.model_copy(update={"dtype": "float32", "captions_per_batch": 1,
+                                              "compile": "none"})  # minutes, for one set
             self._float32 = SDSetGenerator(self.model, cfg)
         again = self._float32.generate([caption], [caption_id])
         if again.rejected[0] is not None:
@@ -312,6 +338,8 @@ def regenerate_set(caption: str, caption_id: int, metadata: dict[str, Any],
     model = ModelConfig(preset=metadata["model_preset"], seed=metadata.get("model_seed") or 0,
                         sd_model_id=metadata.get("sd_model_id"))
     use_gpu = metadata["device"] == "cuda" and device != "cpu"
+    # The speed levers pick kernels: kept on the device type the set was made on, else the default.
+    same_device = use_gpu == (metadata["device"] == "cuda")
     cfg = GenerateConfig(
         images_per_caption=metadata["images_per_caption"], base_seed=metadata["base_seed"],
         num_inference_steps=metadata["num_inference_steps"], scheduler=metadata["scheduler"],
@@ -320,6 +348,9 @@ def regenerate_set(caption: str, caption_id: int, metadata: dict[str, Any],
         actors={"num_gpus": 1 if use_gpu else 0},
         vae_batch_size=metadata.get("vae_batch_size", 8),
         channels_last=bool(metadata.get("channels_last")),
+        fuse_qkv=bool(metadata.get("fuse_qkv")),
+        compile=metadata.get("compile", "none") if same_device else "none",
+        attention_backend=metadata.get("attention_backend", "auto") if same_device else "auto",
         captions_per_batch=1)
     threads = torch.get_num_threads()
     if metadata.get("cpu_threads") and not use_gpu:

@@ -161,8 +161,7 @@ PRESETS: dict[str, Preset] = {
                         sd_model_id=SD21_BASE_ID, dino_model_id=DINOV2_GIANT_ID,
                         tokenizer="model"),
     "shapes": Preset("shapes", pretrained=True, resolution=32, dino_resolution=32,
-                     sd_model_id=str(SHAPES_WEIGHTS), dino_model_id=str(SHAPES_WEIGHTS / "dino"),
-                     dino_config=SHAPES_DINO_CONFIG),
+                     sd_model_id=str(SHAPES_WEIGHTS), dino_model_id=str(SHAPES_WEIGHTS / "dino")),
     "sd21-base-random": Preset(
         "sd21-base-random", pretrained=False, resolution=512, dino_resolution=224,
         unet_config=SD21_UNET_CONFIG, vae_config=SD21_VAE_CONFIG, text_config=SD21_TEXT_CONFIG,

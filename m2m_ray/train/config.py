@@ -26,6 +26,8 @@ class OptimConfig(StrictModel):
                               "Appendix A: none).")
     schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr / peak lr.")
+    fused: bool = Field(False, description="torch's fused AdamW kernel (CUDA): one kernel for "
+                        "all parameters instead of a few per tensor group; same update.")
 
 
 class EMAConfig(StrictModel):

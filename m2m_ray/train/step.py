@@ -172,7 +172,7 @@ class LRSchedule:
 def make_optimizer(model: nn.Module, optim: OptimConfig, max_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                  weight_decay=optim.weight_decay)
+                                  weight_decay=optim.weight_decay, fused=optim.fused or None)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(optim, max_steps))
 
 
