@@ -7,7 +7,8 @@ combinations held out of the teacher's training.
 Captions: one per (shape, colour, background) combination the teacher trained on (45), written by
 the shapes world's caption generator from a seed the training never used; the held-out
 combinations (3) are scored separately. Every image is read out and compared with its caption's
-attributes (``m2m_ray.shapes.evaluate``).
+attributes (``m2m_ray.shapes.evaluate``), overall and split by the caption's value (``by_value``:
+what each caption value is read as).
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             print(name, guidance, json.dumps({k: measured[k] for k in
                                               ("agreement", "all_three", "diversity",
                                                "renderer_diversity")}), flush=True)
+            print("  shape by caption:", "; ".join(  # one shape's miss hides in the mean
+                f"{value} {split['generated'].get(value, 0):.3f}" for value, split in
+                measured["by_value"]["shape"].items()), flush=True)
     results["seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(results, indent=2)
     if args.out:

@@ -104,14 +104,15 @@ class _StandIn:
 
 
 def test_agreement_by_value_says_which_value_misses_and_what_it_becomes():
-    from m2m_ray.eval.fidelity import _by_value, _value_cell
+    from m2m_ray.eval.fidelity import _value_cell
+    from m2m_ray.shapes.evaluate import agreement_by_value
 
     targets = [{"shape": "circle", "colour": "red", "background": "plain"},
                {"shape": "square", "colour": "red", "background": "plain"},
                {"shape": "circle", "colour": "blue", "background": "dots"}]
     predicted = {"shape": ["circle", "circle", "circle", "square", "circle", "circle"],
                  "colour": ["red"] * 4 + ["blue"] * 2, "background": ["plain"] * 6}
-    split = _by_value(predicted, targets, per=2)
+    split = agreement_by_value(predicted, targets, per=2)
     assert split["shape"] == {"circle": {"sets": 2, "generated": {"circle": 1.0}},
                               "square": {"sets": 1, "generated": {"circle": 0.5, "square": 0.5}}}
     assert split["colour"]["red"] == {"sets": 2, "generated": {"red": 1.0}}

@@ -64,6 +64,11 @@ def test_teacher_follows_its_caption_through_the_stage_2_generator():
     print("teacher agreement", result["agreement"])
     _above_floors(result["agreement"])
     assert result["diversity"] > 0.3 * result["renderer_diversity"]  # sets are not one image
+    for name in evaluate.SCORED:  # the split by caption value adds up to the overall figure
+        split = result["by_value"][name]
+        assert sum(v["sets"] for v in split.values()) == len(captions)
+        right = sum(v["sets"] * v["generated"].get(value, 0) for value, v in split.items())
+        assert right / len(captions) == pytest.approx(result["agreement"][name], abs=2e-3)
 
 
 # What the shipped teacher (8,000 steps) reliably reaches, below its measured figures

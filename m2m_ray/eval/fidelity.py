@@ -187,7 +187,7 @@ def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
             "m2m": _by_attribute(agree.mean(axis=(1, 2))),
             "m2m_all_three": round(float(agree.all(axis=0).mean()), 4),
             "m2m_per_k": [_by_attribute(agree[:, :, k].mean(axis=1)) for k in range(M)],
-            "m2m_by_value": _by_value(read, targets, M),
+            "m2m_by_value": shapes_evaluate.agreement_by_value(read, targets, M),
             "context_dropped": _by_attribute(base.mean(axis=(1, 2))),
             "base_rate": {name: round(float(np.mean([frequency[name][t[name]] / (S * M)
                                                      for t in targets])), 4) for name in SCORED},
@@ -198,22 +198,6 @@ def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
             rows[-1]["examples"] = {"context": sets.images[:8, :K], "generated": generated[:8],
                                     "captions": sets.captions[:8]}
     return {"source": sets.name, "sets": S, "generated_images": M, "rows": rows}
-
-
-def _by_value(predicted: dict[str, list[str]], targets: Sequence[dict[str, str]], per: int
-              ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Generated values split by the context's value: ``{attribute: {context value: {"sets": n,
-    "generated": {value: fraction}}}}``, so a miss shows whether it is spread or one value's, and
-    what that value becomes (e.g. squares drawn as circles)."""
-    out = {}
-    for name in SCORED:
-        split: dict[str, list[str]] = {}
-        for i, value in enumerate(predicted[name]):
-            split.setdefault(targets[i // per][name], []).append(value)
-        out[name] = {value: {"sets": len(drawn) // per, "generated": {
-            v: round(n / len(drawn), 4) for v, n in Counter(drawn).most_common()}}
-            for value, drawn in sorted(split.items())}
-    return out
 
 
 def _by_attribute(values: np.ndarray) -> dict[str, float]:

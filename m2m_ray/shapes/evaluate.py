@@ -8,6 +8,7 @@ figure for the same attributes is the reference (a model that draws one image 25
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -110,12 +111,30 @@ def teacher_images(model: "str | ModelConfig", captions: Sequence[str], images_p
     return np.concatenate(sets)
 
 
+def agreement_by_value(predicted: dict[str, list[str]], targets: Sequence[dict[str, str]],
+                       per: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """Read-out values split by the value they should have: ``predicted[attribute]`` holds one
+    value per image, ``targets`` one dict per set of ``per`` consecutive images (a caption's, or a
+    context's). Returns ``{attribute: {target value: {"sets": n, "generated": {value:
+    fraction}}}}``, so a miss shows whether it is spread or one value's, and what that value
+    becomes (e.g. squares drawn as circles)."""
+    out = {}
+    for name in SCORED:
+        split: dict[str, list[str]] = {}
+        for i, value in enumerate(predicted[name]):
+            split.setdefault(targets[i // per][name], []).append(value)
+        out[name] = {value: {"sets": len(drawn) // per, "generated": {
+            v: round(n / len(drawn), 4) for v, n in Counter(drawn).most_common()}}
+            for value, drawn in sorted(split.items())}
+    return out
+
+
 def teacher_agreement(model: "str | ModelConfig", captions: Sequence[str],
                       targets: Sequence[dict[str, Any]], images_per_caption: int = 25,
                       guidance_scale: float = 7.5, steps: int = 25, seed: int = 0,
                       readout: AttributeReadout | None = None) -> dict[str, Any]:
     """``teacher_images`` for each caption, read out and compared with the caption's
-    attributes."""
+    attributes, overall and split by the caption's value (``by_value``)."""
     images = teacher_images(model, captions, images_per_caption, guidance_scale, steps,
                             seed)                                   # (S, N, H, W, 3)
     readout = readout or AttributeReadout.load()
@@ -125,6 +144,7 @@ def teacher_agreement(model: "str | ModelConfig", captions: Sequence[str],
     return {"guidance_scale": guidance_scale, "steps": steps, "sets": len(captions),
             "images_per_set": images_per_caption,
             "agreement": agreement(predicted, per_image),
+            "by_value": agreement_by_value(predicted, targets, images_per_caption),
             "all_three": round(float(np.mean([all(predicted[a][i] == per_image[i][a] for a in SCORED)
                                               for i in range(len(per_image))])), 4),
             "diversity": within_set_diversity(images),
