@@ -19,11 +19,11 @@ share of the step). ``--gradient-checkpointing`` defaults to on for CUDA, as in 
 FLOPs and MFU as training reports them (``m2m_ray.train.flops``): model FLOPs of one set (UNet
 forward and backward without checkpointing's recomputation, the frozen DINOv2 forward for dino;
 counted on the meta device) × sets per step ÷ step time ÷ the matmul rate measured in the same
-process in the step's precision. Levers:
-``--no-gradient-checkpointing``, ``--compile [MODE]`` (the UNet, in place), ``--fused-adamw``. Out
-of memory is a result (``"oom": true``), so a sweep of batch sizes runs on. ``paper_plan``: what the
-paper's 256 sets per optimizer step on 8 GPUs (32 sets per GPU) costs at this micro-batch.
-``--profile`` adds where one step's time goes (``perf.profile_summary``).
+process in the step's precision. Levers: ``--no-gradient-checkpointing``, ``--compile [MODE]`` (the
+UNet, in place), ``--fused-adamw``. Out of memory is a result (``"oom": true``), so a sweep of batch
+sizes runs on. ``paper_plan``: what the paper's 256 sets per optimizer step on 8 GPUs (32 sets per
+GPU) costs at this micro-batch. ``--profile`` adds where one step's time goes
+(``perf.profile_summary``).
 """
 
 from __future__ import annotations
