@@ -330,7 +330,9 @@ def regenerate_set(caption: str, caption_id: int, metadata: dict[str, Any],
     and differs from it in the last float bits, while batches of whole sets agree exactly, and the
     VAE decodes each set in its own chunks of the stored ``vae_batch_size``. On the CPU the stored
     thread count is reused too (it changes the order of float sums); on a GPU the stored memory
-    format is, and exactness needs the same GPU model and library versions (both stored). Sets
+    format is, and exactness needs the same GPU model and library versions (both stored). The
+    speed levers (``fuse_qkv``, ``compile``, ``attention_backend``) are reapplied on the device
+    type that made the set (a compiled set compiles again: minutes on a GPU). Sets
     stored before ``vae_batch_size`` was (decoded in chunks across sets) may differ by a grey
     level. Raises ``RuntimeError`` if the set comes out non-finite (a set stored in float16 that
     was retried in float32 has ``dtype: float32`` and regenerates in float32).
