@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Issue 18's GPU measurements in one device call (≈ 6 min on an H200), on the full SD-2.1-base /
-# DINOv2-giant shapes with random weights (no download, no Ray): raw JSON and logs under $OUT,
-# side by side in one run — generation levers, training-step levers, sampling — each with the
-# matmul rate measured in its own process (the MFU denominator) and a profiler summary.
+# Issue 18's GPU measurements in one device call (≈ 6.5 min on an H200), on the full SD-2.1-base /
+# DINOv2-giant shapes with random weights (no download, no Ray): raw JSON and logs under $OUT (7
+# files; a device call brings back at most 8), side by side in one run — generation levers,
+# training-step levers, sampling — each with the matmul rate measured in its own process (the MFU
+# denominator) and a profiler summary. Exits 1 if any part failed or ran out of time (all.log has
+# each part's "=== name: rc=" line); a part cut short still keeps the rows it wrote.
 #
-#   device run (carry .whl, the diffusers wheel, and .cache, the CLIP BPE; BENCHMARKS.md "GPU plan"):
+#   here first: bash benchmarks/gpu_prepare.sh   (wheels the device lacks → .whl/, CLIP BPE → .cache/)
+#   the device call (carry .whl and .cache; BENCHMARKS.md "GPU plan (issue 18)"):
 #     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash benchmarks/gpu_all.sh
-#   dry run here on the CPU with the tiny preset (every benchmark, smallest settings, ≈ 3 min):
-#     PRESET=tiny DEVICE=cpu SCALE=0 OUT=/tmp/gpu_dry bash benchmarks/gpu_all.sh
-#   some of them, e.g. the levers that compile for minutes (not in the default set):
+#   dry run here on the CPU, tiny preset, smallest settings (the default parts ≈ 1.5 min; with
+#   train_compile ≈ 3–5 min):
+#     PY=.venv/bin/python PRESET=tiny DEVICE=cpu SCALE=0 OUT=/tmp/gpu_dry bash benchmarks/gpu_all.sh
+#   other parts, e.g. those that compile for minutes (not in the default set), in a second call:
 #     ONLY=train_compile,generation_autotune bash benchmarks/gpu_all.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
+PY=${PY:-python3}
 PRESET=${PRESET:-sd21-base-random}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-1}           # 0: smallest settings (dry runs)
@@ -23,10 +28,11 @@ export M2M_RAY_CLIP_BPE=${M2M_RAY_CLIP_BPE:-$PWD/.cache/bpe_simple_vocab_16e6.tx
 export M2M_RAY_CACHE=${M2M_RAY_CACHE:-$PWD/.cache}
 mkdir -p "$OUT"
 LOG="$OUT/all.log"
+FAILED=""
 {
   date -u; uname -a
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
-  python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+  "$PY" -c "import torch, diffusers, transformers, pydantic; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'pydantic', pydantic.__version__)"
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
@@ -38,11 +44,12 @@ run() {  # run NAME LIMIT_S CMD...: stdout+stderr into all.log, stdout alone int
   timeout "$limit" "$@" 2>>"$LOG" | tee -a "$OUT/$name.txt" >>"$LOG"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: rc=$rc in $((SECONDS - start)) s" | tee -a "$LOG"
+  [ "$rc" = 0 ] || FAILED="$FAILED $name(rc=$rc)"
 }
 
 if [ "$SCALE" = 0 ]; then
   GEN="--captions 2 --steps 2 --images-per-caption 4"
-  TRAIN="--images-per-set 3 --steps 1 --warmup 1"; BIG=2; SMALL=1
+  TRAIN="--images-per-set 3 --steps 1 --warmup 1"; BIG=2; SMALL=2
   SAMPLE="--batch 2 --steps 2 --repeats 1 --warmup 1 --warmup-steps 1 --profile-steps 1"
   EVAL="--images 2 --batch 2"; ATTN="--repeats 1 --budget 1"
 else  # the paper's settings: 50 Euler steps, 25 images per caption, 512 px; N = 8, K ≤ 8
@@ -54,36 +61,52 @@ fi
 # 1. Generation (≈ 3 min): naive vs ours, then one lever at a time against the fp16 eager
 #    reference (drift reported), compile last (it compiles on the warm-up batch, ≈ 1–2 min).
 # shellcheck disable=SC2086
-run generation 200 python3 benchmarks/generation.py --preset "$PRESET" --device "$DEVICE" \
+run generation 190 "$PY" benchmarks/generation.py --preset "$PRESET" --device "$DEVICE" \
     --dtype float16 $GEN --variants c2 c2-bf16 c2-fused c2-fused-compile --profile \
     --out "$OUT/generation.json"
 # 2. Training step (≈ 1.5 min), one process each: bf16 autocast; checkpointing on at BIG sets
-#    (the current default), fused AdamW, checkpointing off at SMALL and 1 set (OOM is a result).
-T="python3 benchmarks/train_step.py --preset $PRESET --device $DEVICE $TRAIN"
+#    (the current default), + fused AdamW (profiled), checkpointing off at SMALL sets (and at 1
+#    set if SMALL runs out of memory: OOM is a result), DINO at BIG sets.
 train_steps() {
-  $T --variant self --batch-size $BIG --gradient-checkpointing
-  $T --variant self --batch-size $BIG --gradient-checkpointing --fused-adamw --profile
-  $T --variant self --batch-size $SMALL --no-gradient-checkpointing --fused-adamw
-  $T --variant self --batch-size 1 --no-gradient-checkpointing --fused-adamw
-  $T --variant dino --batch-size $BIG --gradient-checkpointing --fused-adamw
+  local t="$PY benchmarks/train_step.py --preset $PRESET --device $DEVICE $TRAIN" rc=0 out
+  echo "+ self, $BIG sets, checkpointing" >&2
+  $t --variant self --batch-size "$BIG" --gradient-checkpointing || rc=1
+  echo "+ self, $BIG sets, checkpointing, fused AdamW, profiled" >&2
+  $t --variant self --batch-size "$BIG" --gradient-checkpointing --fused-adamw --profile || rc=1
+  echo "+ self, $SMALL sets, no checkpointing, fused AdamW" >&2
+  out=$($t --variant self --batch-size "$SMALL" --no-gradient-checkpointing --fused-adamw) || rc=1
+  echo "$out"
+  if [[ $out == *'"oom": true'* ]]; then
+    echo "+ self, 1 set, no checkpointing, fused AdamW" >&2
+    $t --variant self --batch-size 1 --no-gradient-checkpointing --fused-adamw || rc=1
+  fi
+  echo "+ dino, $BIG sets, checkpointing, fused AdamW" >&2
+  $t --variant dino --batch-size "$BIG" --gradient-checkpointing --fused-adamw || rc=1
+  return $rc
 }
-run train_step 120 bash -c "$(declare -f train_steps); T='$T' BIG=$BIG SMALL=$SMALL; train_steps"
+export -f train_steps
+export PY PRESET DEVICE TRAIN BIG SMALL
+run train_step 120 bash -c train_steps
 # 3. Sampling (≈ 1.5 min): plain, sd-text, Self cached, DINO at K = 1, 4, 8; uncached at 8 only
 #    (9× the FLOPs; the cache goal is at K = 8); profile of plain and DINO at K = 8.
 # shellcheck disable=SC2086
-run sampling 110 python3 benchmarks/sampling.py --preset "$PRESET" --device "$DEVICE" $SAMPLE \
+run sampling 90 "$PY" benchmarks/sampling.py --preset "$PRESET" --device "$DEVICE" $SAMPLE \
     --contexts 1,4,8 --uncached-contexts 8 --profile --out "$OUT/sampling.json"
 # Not in the default set (minutes each, for a second call): compiled training, max-autotune
 # generation, and the earlier attention and evaluation benchmarks.
 # shellcheck disable=SC2086
-run train_compile 300 $T --variant self --batch-size $BIG --gradient-checkpointing --fused-adamw \
-    --compile
+run train_compile 300 "$PY" benchmarks/train_step.py --preset "$PRESET" --device "$DEVICE" $TRAIN \
+    --variant self --batch-size "$BIG" --gradient-checkpointing --fused-adamw --compile
 # shellcheck disable=SC2086
-run generation_autotune 400 python3 benchmarks/generation.py --preset "$PRESET" \
+run generation_autotune 400 "$PY" benchmarks/generation.py --preset "$PRESET" \
     --device "$DEVICE" --dtype float16 $GEN --variants c2-fused c2-fused-compile:max_autotune \
     --out "$OUT/generation_autotune.json"
 # shellcheck disable=SC2086
-run attention 70 python3 benchmarks/attention.py --preset "$PRESET" --device "$DEVICE" $ATTN
+run attention 70 "$PY" benchmarks/attention.py --preset "$PRESET" --device "$DEVICE" $ATTN
 # shellcheck disable=SC2086
-run eval 60 python3 benchmarks/eval_throughput.py --device "$DEVICE" $EVAL
+run eval 60 "$PY" benchmarks/eval_throughput.py --device "$DEVICE" $EVAL
 echo "done: $(ls "$OUT")"
+if [ -n "$FAILED" ]; then
+  echo "failed:$FAILED" | tee -a "$LOG"
+  exit 1
+fi

@@ -25,7 +25,9 @@ formula): steps × one guided UNet evaluation + the join. The FLOP floor of M2M 
 compute: per step one plain UNet row (the unconditional branch, which sees the null token only) and
 one row with image-set attention, plus the join. Self-cached's floor time is the plain time scaled
 by that: t_plain · F_floor / F_plain, the time it would take at the plain UNet's FLOP/s.
-Output: a Markdown table and a self-describing JSON (machine, settings, rows, goals).
+Timed rows also give TFLOP/s and MFU against a matmul rate measured in the same process, in the
+sampling precision (``peak_tflops``). Output: a Markdown table and a self-describing JSON
+(machine, settings, rows, goals; with ``--profile``, where plain's and DINO's time goes).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from m2m_ray.sampling.sampler import (  # noqa: E402
     denoise_image,
     latent_shape,
 )
+from m2m_ray.train.flops import measure_peak_tflops  # noqa: E402
 
 GUIDANCE = 3.0
 GOALS = {"dino_vs_plain_at_8": 1.15, "cache_speedup_at_8": 3.0, "self_cached_vs_floor_at_8": 1.2}
@@ -191,6 +194,8 @@ def build_parts(args) -> dict:
 def run(args) -> dict:
     parts = build_parts(args)
     results = []
+    peak = None if args.flops_only else round(measure_peak_tflops(
+        parts["device"], parts["dtype"], seconds=1.0), 2)  # the MFU denominator, this process
     uncached = args.contexts if args.uncached_contexts is None else args.uncached_contexts
     plan = [("plain", 0), ("sd-text", 0)] + [
         (m, k) for k in args.contexts for m in ("self-cached", "self-uncached", "dino")
@@ -203,16 +208,19 @@ def run(args) -> dict:
         if (method, num_context) in profiled:
             cases[method, num_context] = case
         row = measure(case, args, parts["plain"])
+        if peak is not None:
+            row["tflops"] = round(row["gflops_per_image"] / row["seconds_per_image"] / 1e3, 2)
+            row["mfu"] = round(row["tflops"] / peak, 4)
         results.append(row)
         if args.out:  # a run cut short by the device call's timeout keeps its rows
             Path(args.out).write_text(json.dumps({"benchmark": "sampling", "partial": True,
-                                                  "settings": vars(args), "results": results},
-                                                 indent=2))
+                                                  "settings": vars(args), "peak_tflops": peak,
+                                                  "results": results}, indent=2))
         seconds = "" if args.flops_only else f"{row['seconds_per_image']:.4f} s/image, "
         print(f"{method:>14} K={num_context}: {seconds}{row['gflops_per_image']:.1f} GFLOP/image",
               flush=True)
     report = {"benchmark": "sampling", "machine": machine(args), "settings": vars(args),
-              "results": results, "goals": {} if args.flops_only else goals(results)}
+              "peak_tflops": peak, "results": results, "goals": {} if args.flops_only else goals(results)}
     if args.profile and not args.flops_only:  # where DINO's time goes next to plain's
         report["profile"] = {
             f"{method} K={k}": profile_summary(lambda: case.run(args.profile_steps),

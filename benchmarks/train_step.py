@@ -103,10 +103,11 @@ def _measure(args: argparse.Namespace) -> dict:
         else args.gradient_checkpointing
     autocast = torch.bfloat16 if args.precision == "bf16" else None
     build_start = time.perf_counter()
-    model = M2MUNet.from_preset(model_cfg, M2MConfig(variant=args.variant)).to(device).train()
+    with torch.device(device):  # random weights initialised where they run (seconds on a GPU)
+        model = M2MUNet.from_preset(model_cfg, M2MConfig(variant=args.variant)).to(device).train()
+        dino = DinoEncoder.from_preset(model_cfg, device) if args.variant == "dino" else None
     if checkpointing:
         model.enable_gradient_checkpointing()
-    dino = DinoEncoder.from_preset(model_cfg, device) if args.variant == "dino" else None
     ema = EMA(model, EMAConfig().decay, True) if args.ema else None
     optimizer, scheduler = make_optimizer(model, OptimConfig(warmup_steps=0,
                                                              fused=args.fused_adamw), 10**6)

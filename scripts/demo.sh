@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, end to end, on the shapes world (offline, the shipped `shapes` preset: a trained
-# toy VAE and text-to-image teacher), on a local Ray, ~15 minutes on 2 CPU cores:
+# toy VAE and text-to-image teacher), on a local Ray, 11–14 minutes on 2 CPU cores:
 #   captions → build a shapes-MIS → train M2M-Self → generate → evaluate → fidelity table.
 # Each step is the same entry script a cluster job runs; everything lands under outputs/shapes/.
 # (scripts/demo_tiny.sh runs the same steps on the random `tiny` preset in ~3 minutes.)

@@ -58,3 +58,23 @@ def test_profile_summary_accounts_for_the_time():
     assert abs(sum(summary["kinds"].values()) - 1) < 0.01
     assert {"convolution", "normalisation", "matmul"} <= set(summary["kinds"])
     assert summary["ops"][0]["ms"] >= summary["ops"][-1]["ms"] and "Self CPU" in summary["table"]
+
+
+def test_out_of_memory_is_a_result_that_the_device_script_reads(monkeypatch):
+    """gpu_all.sh retries the no-checkpointing training step at 1 set when the line it gets says
+    ``"oom": true``: the benchmark must print exactly that, not crash."""
+    import argparse
+    import json
+
+    bench = _load("train_step")
+
+    def out_of_memory(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+    monkeypatch.setattr(bench, "_measure", out_of_memory)
+    args = argparse.Namespace(variant="self", preset="tiny", batch_size=2, images_per_set=8,
+                              gradient_checkpointing=False, compile=None)
+    line = json.dumps(bench.measure(args))
+    assert '"oom": true' in line and "Tried to allocate 20.00 GiB" in line
+    script = (ROOT / "benchmarks/gpu_all.sh").read_text()
+    assert "*'\"oom\": true'*" in script
