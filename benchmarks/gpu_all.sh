@@ -24,8 +24,10 @@ DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-1}           # 0: smallest settings (dry runs)
 ONLY=${ONLY:-generation,train_step,sampling}  # comma-separated subset; more: see below
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
-export M2M_RAY_CLIP_BPE=${M2M_RAY_CLIP_BPE:-$PWD/.cache/bpe_simple_vocab_16e6.txt.gz}
-export M2M_RAY_CACHE=${M2M_RAY_CACHE:-$PWD/.cache}
+if [ -f .cache/bpe_simple_vocab_16e6.txt.gz ]; then  # carried there by gpu_prepare.sh
+  export M2M_RAY_CLIP_BPE=${M2M_RAY_CLIP_BPE:-$PWD/.cache/bpe_simple_vocab_16e6.txt.gz}
+  export M2M_RAY_CACHE=${M2M_RAY_CACHE:-$PWD/.cache}
+fi
 mkdir -p "$OUT"
 LOG="$OUT/all.log"
 FAILED=""
