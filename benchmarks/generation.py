@@ -221,17 +221,17 @@ def run(args) -> dict:
     if args.flops_only:
         return result
     device = torch.device(args.device)
-    rates: dict[str, dict] = {}
+    rates: dict[str, float] = {}  # dtype → measured matmul TFLOP/s
 
     def mfu(row: dict, dtype: str) -> None:
         dtype = dtype if device.type == "cuda" else "float32"
         if dtype not in rates:
-            rates[dtype] = round(measure_peak_tflops(device, getattr(torch, dtype), seconds=1.0), 2)
+            rates[dtype] = measure_peak_tflops(device, getattr(torch, dtype), seconds=1.0)
         if flops["per_image"] is None:
             row["tflops"] = row["mfu"] = None
             return
-        row["tflops"] = round(row["images_per_s"] * flops["per_image"] / 1e12, 2)
-        row["mfu"] = round(row["tflops"] / rates[dtype], 4)
+        tflops = row["images_per_s"] * flops["per_image"] / 1e12  # unrounded: tiny runs are ~0.01
+        row["tflops"], row["mfu"] = round(tflops, 4), round(tflops / rates[dtype], 4)
 
     naive = bench_naive(args, captions)
     mfu(naive, args.dtype)

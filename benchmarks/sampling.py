@@ -193,9 +193,11 @@ def build_parts(args) -> dict:
 
 def run(args) -> dict:
     parts = build_parts(args)
-    results = []
-    peak = None if args.flops_only else round(measure_peak_tflops(
-        parts["device"], parts["dtype"], seconds=1.0), 2)  # the MFU denominator, this process
+    peak = None if args.flops_only else measure_peak_tflops(
+        parts["device"], parts["dtype"], seconds=1.0)  # the MFU denominator, this process
+    results: list[dict] = []
+    report = {"benchmark": "sampling", "machine": machine(args), "settings": vars(args),
+              "peak_tflops": peak, "results": results, "partial": True}
     uncached = args.contexts if args.uncached_contexts is None else args.uncached_contexts
     plan = [("plain", 0), ("sd-text", 0)] + [
         (m, k) for k in args.contexts for m in ("self-cached", "self-uncached", "dino")
@@ -209,18 +211,15 @@ def run(args) -> dict:
             cases[method, num_context] = case
         row = measure(case, args, parts["plain"])
         if peak is not None:
-            row["tflops"] = round(row["gflops_per_image"] / row["seconds_per_image"] / 1e3, 2)
-            row["mfu"] = round(row["tflops"] / peak, 4)
+            tflops = row["gflops_per_image"] / row["seconds_per_image"] / 1e3  # tiny: ~0.01
+            row["tflops"], row["mfu"] = round(tflops, 4), round(tflops / peak, 4)
         results.append(row)
         if args.out:  # a run cut short by the device call's timeout keeps its rows
-            Path(args.out).write_text(json.dumps({"benchmark": "sampling", "partial": True,
-                                                  "settings": vars(args), "peak_tflops": peak,
-                                                  "results": results}, indent=2))
+            Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False))
         seconds = "" if args.flops_only else f"{row['seconds_per_image']:.4f} s/image, "
         print(f"{method:>14} K={num_context}: {seconds}{row['gflops_per_image']:.1f} GFLOP/image",
               flush=True)
-    report = {"benchmark": "sampling", "machine": machine(args), "settings": vars(args),
-              "peak_tflops": peak, "results": results, "goals": {} if args.flops_only else goals(results)}
+    report.update(partial=False, goals={} if args.flops_only else goals(results))
     if args.profile and not args.flops_only:  # where DINO's time goes next to plain's
         report["profile"] = {
             f"{method} K={k}": profile_summary(lambda: case.run(args.profile_steps),

@@ -79,7 +79,7 @@ def measure(args: argparse.Namespace) -> dict:
 def _measure(args: argparse.Namespace) -> dict:
     import torch
 
-    from benchmarks.perf import profile_summary
+    from benchmarks.perf import profile_summary, sync
     from m2m_ray.models.config import M2MConfig, ModelConfig
     from m2m_ray.models.context import DinoEncoder
     from m2m_ray.models.m2m_unet import M2MUNet
@@ -123,10 +123,6 @@ def _measure(args: argparse.Namespace) -> dict:
             0, 256, (args.batch_size, args.images_per_set, 3, size, size), generator=gen,
             dtype=torch.uint8).to(device))
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def step(number: int):
         loss = m2m_loss(model, batch, alphas, step_generator(args.seed, number, 0, device), 0.1,
                         dino, autocast)
@@ -151,12 +147,12 @@ def _measure(args: argparse.Namespace) -> dict:
     warmup_start = time.perf_counter()
     for number in range(args.warmup + args.steps):
         if number == args.warmup:
-            sync()
+            sync(device)
             warmup_s = time.perf_counter() - warmup_start
-        sync()
+        sync(device)
         start = time.perf_counter()
         loss = step(number)
-        sync()
+        sync(device)
         if number >= args.warmup:
             times.append(time.perf_counter() - start)
     profile = None
@@ -169,11 +165,11 @@ def _measure(args: argparse.Namespace) -> dict:
         pixels = batch.dino_pixels[:, :-1].float() / 255
         dino_times = []
         for _ in range(args.steps):
-            sync()
+            sync(device)
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 dino(pixels)
-            sync()
+            sync(device)
             dino_times.append(time.perf_counter() - start)
         dino_s = round(statistics.mean(dino_times), 4)
 
