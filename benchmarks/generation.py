@@ -178,23 +178,24 @@ def bench_variant(args, captions: list[str], variant: str) -> tuple[dict, SDSetG
     build_s = time.perf_counter() - build_start
     rows = [{"caption_id": i + 1, "caption": c, "split": "train", "url": "", "shard_id": 0}
             for i, c in enumerate(captions)]
-    image_pool, batch_pool = cf.ThreadPoolExecutor(cfg.encode_threads), cf.ThreadPoolExecutor(1)
-    warm_start = time.perf_counter()
-    generator.cfg.num_inference_steps = args.warmup_steps
-    list(encoded_sets(generator, rows[:cfg.captions_per_batch], image_pool, batch_pool, {},
-                      rejected=[]))
-    generator.cfg.num_inference_steps = args.steps
-    sync(device)
-    warmup_s = time.perf_counter() - warm_start
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     timings: dict[str, float] = {}
     rejected: list[dict] = []
-    start = time.perf_counter()
-    records = [r for batch in encoded_sets(generator, rows, image_pool, batch_pool, timings,
-                                           rejected=rejected) for r in batch]
-    sync(device)
-    seconds = time.perf_counter() - start
+    with cf.ThreadPoolExecutor(cfg.encode_threads) as image_pool, \
+            cf.ThreadPoolExecutor(1) as batch_pool:
+        warm_start = time.perf_counter()
+        generator.cfg.num_inference_steps = args.warmup_steps
+        list(encoded_sets(generator, rows[:cfg.captions_per_batch], image_pool, batch_pool, {},
+                          rejected=[]))
+        generator.cfg.num_inference_steps = args.steps
+        sync(device)
+        warmup_s = time.perf_counter() - warm_start
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        records = [r for batch in encoded_sets(generator, rows, image_pool, batch_pool, timings,
+                                               rejected=rejected) for r in batch]
+        sync(device)
+        seconds = time.perf_counter() - start
     if rejected:
         raise RuntimeError(f"{variant}: {len(rejected)} sets came out non-finite: {rejected[:3]}")
     images = sum(len(r.images) for r in records)
