@@ -20,8 +20,8 @@ from PIL import Image
 from m2m_ray import storage
 from m2m_ray.config import StorageConfig
 from m2m_ray.formats.ids import image_seed
-from m2m_ray.formats.mis import MISLayout
-from m2m_ray.formats.mis_read import iter_mis, read_mis
+from m2m_ray.formats.mis import MISLayout, latents_to_npy
+from m2m_ray.formats.mis_read import decode_latents, iter_mis, read_mis
 from m2m_ray.mis.build import run_generate_stage
 from m2m_ray.mis.captions import run_captions_stage
 from m2m_ray.mis.config import BuildMISConfig
@@ -87,7 +87,8 @@ def test_build_survives_actor_crash_and_verifies(built):
     assert len(sets) == 7
     for cid, s in sets.items():
         assert s["seeds"] == [image_seed(cid, i, 0) for i in range(N_IMAGES)]
-        assert s["latents"].shape == (N_IMAGES, 4, 8, 8) and s["latents"].dtype == np.float16
+        latents = decode_latents(s["latents"], f"set {cid}")
+        assert latents.shape == (N_IMAGES, 4, 8, 8) and latents.dtype == np.float16
     assert {s["caption"] for s in sets.values()} == {c for c in CAPTIONS if c}
 
 
@@ -446,7 +447,9 @@ def test_build_counts_rejected_sets_and_verifies(ray_local, tmp_path):
     sample = next(iter(iter_mis(cfg.output_uri)))
     settings = json.loads(Path(MISLayout(cfg.output_uri).config).read_text())["config"]["generate"]
     assert _check_set(sample, settings, "here") == []
-    sample["latents"][1, 0, 0, 0] = np.nan
+    latents = decode_latents(sample["latents"], "here")
+    latents[1, 0, 0, 0] = np.nan
+    sample["latents"] = latents_to_npy(latents)
     assert _check_set(sample, settings, "here") == [
         f"here: set {sample['caption_id']} has non-finite latents (NaN/Inf) in images [1]: its "
         "images are not what the model made; regenerate it"]

@@ -23,7 +23,8 @@ from m2m_ray.data.training import (
     subset_indices,
     use_stored_latents,
 )
-from m2m_ray.formats.mis import PARQUET_SCHEMA, CorruptShardError, MISLayout
+from m2m_ray.formats.mis import CorruptShardError, MISLayout
+from m2m_ray.formats.mis_fields import parquet_schema
 from m2m_ray.mis.synthetic import write_synthetic_mis
 from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.models.embedders import TaskConditions
@@ -139,7 +140,7 @@ def _corrupt_parquet_image(uri: str) -> int:
     table = pq.read_table(uri).to_pylist()
     for image_index in range(25):
         table[0]["images"][image_index] = b"not an image"
-    pq.write_table(pa.Table.from_pylist(table, schema=PARQUET_SCHEMA), uri)
+    pq.write_table(pa.Table.from_pylist(table, schema=parquet_schema()), uri)
     return table[0]["caption_id"]
 
 

@@ -28,11 +28,15 @@ from m2m_ray.config import StorageConfig
 from m2m_ray.data.coco_sets import coco_sets
 from m2m_ray.data.config import GenerateInputsConfig
 from m2m_ray.data.image_inputs import expand_image_specs, open_image
+from m2m_ray.formats.mis_fields import MISSample, stored_table
 from m2m_ray.formats.mis_read import iter_mis, iter_shard, read_mis
 
 log = logging.getLogger(__name__)
 
 EXTERNAL_SPLIT = "external"
+
+# The MIS fields a generation set is made of (a set's context: its first K images).
+_MIS_COLUMNS = ["caption_id", "shard_id", "split", "caption", "seeds", "images", "task"]
 
 
 def file_set_rows(inputs: GenerateInputsConfig,
@@ -57,32 +61,23 @@ def file_set_rows(inputs: GenerateInputsConfig,
              "uris": s.image_uris} for i, s in enumerate(sets)]
 
 
-def _mis_set_row(sample: dict[str, Any], K: int) -> dict[str, Any]:
-    return {"order": sample["caption_id"], "set_id": str(sample["caption_id"]),
-            "caption": sample["caption"], "split": sample["split"],
-            "meta": json.dumps({"source": "mis", "caption_id": sample["caption_id"],
-                                "shard_id": sample["shard_id"],
-                                "context_seeds": sample["seeds"][:K]}),
-            "images": list(sample["images"][:K]),
-            # a task dataset's raw per-image conditions (JSON), for the sampler; "" in MIS
-            "task": json.dumps(sample["task"]) if sample.get("task") else ""}
-
-
 def local_mis_rows(inputs: GenerateInputsConfig,
                    storage: StorageConfig | None = None) -> Iterator[dict[str, Any]]:
     """MIS sets read in this process (engine=local), in shard order."""
-    def samples() -> Iterator[dict]:
+    def samples(columns: list[str] = _MIS_COLUMNS) -> Iterator[MISSample]:
         if inputs.mis_shard:
-            return (s for s in iter_shard(inputs.mis_shard, storage)
+            return (s for s in iter_shard(inputs.mis_shard, storage, columns)
                     if inputs.mis_split is None or s["split"] == inputs.mis_split)
-        return iter_mis(inputs.mis_uri, inputs.mis_format, storage, inputs.mis_split)
+        return iter_mis(inputs.mis_uri, inputs.mis_format, storage, inputs.mis_split, columns)
 
-    rows: Iterable[dict] = samples()
+    rows: Iterable[MISSample] = samples()
     if inputs.max_sets:  # two passes: caption ids first, then only the chosen sets' rows
-        chosen = set(choose_caption_ids([s["caption_id"] for s in samples()], inputs.max_sets,
-                                        inputs.selection_seed).tolist())
+        ids = [s["caption_id"] for s in samples(["caption_id", "split"])]
+        chosen = set(choose_caption_ids(ids, inputs.max_sets, inputs.selection_seed).tolist())
         rows = (s for s in samples() if s["caption_id"] in chosen)
-    return (_mis_set_row(s, inputs.context_images) for s in rows)
+    for sample in rows:  # the Ray path's conversion, one set at a time
+        yield from _mis_batch_to_sets(stored_table([sample], _MIS_COLUMNS),
+                                      inputs.context_images).to_pylist()
 
 
 def selection_keys(caption_ids: np.ndarray, seed: int) -> np.ndarray:
@@ -112,7 +107,8 @@ def choose_caption_ids(caption_ids, max_sets: int, seed: int) -> np.ndarray:
 
 
 def _mis_batch_to_sets(table, K: int):
-    """Ray Data (pyarrow batches): MIS sample rows → set rows with the first K images."""
+    """MIS stored rows (pyarrow, ``_MIS_COLUMNS``) → set rows with the first K images; the one
+    conversion of both engines (Ray Data batches; the local path's single sets)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -121,9 +117,8 @@ def _mis_batch_to_sets(table, K: int):
              for cid, sid, seeds in zip(table["caption_id"].to_pylist(),
                                         table["shard_id"].to_pylist(),
                                         table["seeds"].to_pylist())]
-    # an all-None column comes out of Ray Data as Arrow's null type: cast before filling
-    task = (pc.fill_null(table["task"].cast(pa.string()), "") if "task" in table.column_names
-            else pa.array([""] * table.num_rows, pa.string()))
+    # a task dataset's raw per-image conditions (JSON), for the sampler; "" in MIS
+    task = pc.fill_null(table["task"], "")
     return pa.table({"order": table["caption_id"],
                      "set_id": pc.cast(table["caption_id"], pa.string()),
                      "caption": table["caption"], "split": table["split"],
@@ -147,7 +142,7 @@ def ray_set_dataset(inputs: GenerateInputsConfig, storage: StorageConfig | None 
         return ray.data.from_items(list(local_mis_rows(inputs, storage)))  # one shard: the driver
     if not inputs.mis_uri:
         return ray.data.from_items(file_set_rows(inputs, storage))
-    ds = read_mis(inputs.mis_uri, inputs.mis_format, storage, inputs.mis_split)
+    ds = read_mis(inputs.mis_uri, inputs.mis_format, storage, inputs.mis_split, _MIS_COLUMNS)
     if inputs.max_sets:
         # Pass 1 reads the caption ids alone (Parquet: one column) and chooses on the driver; pass
         # 2 keeps the chosen sets. No sort or shuffle of the split's image bytes.

@@ -46,12 +46,7 @@ from m2m_ray.data.config import TrainDataConfig
 from m2m_ray.data.image_inputs import fit_square
 from m2m_ray.data.tasks import task_columns
 from m2m_ray.formats.mis import CorruptShardError
-from m2m_ray.formats.mis_read import (
-    check_set_count,
-    decode_json,
-    decode_latents,
-    iter_sets,
-)
+from m2m_ray.formats.mis_read import check_set_count, decode_latents, iter_sets
 from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.runtime import actor_pool_args, task_pool_args
 
@@ -171,7 +166,7 @@ def use_stored_latents(cfg: TrainRun, shards: tuple[str, ...]) -> bool:
     found, latents, where = False, None, shards[0]
     for where in shards:  # the first set whose latents decode (skip mode passes bad ones by)
         try:
-            for sample in iter_sets(where, cfg.storage, want_images=False):
+            for sample in iter_sets(where, cfg.storage, ["caption_id", "latents"]):
                 try:
                     latents = None if sample["latents"] is None else decode_latents(
                         sample["latents"], f"shard {where}: set {sample['caption_id']}")
@@ -229,8 +224,7 @@ def read_item(batch: dict[str, np.ndarray], stream: SetStream,
     rows: list[dict[str, Any]] = []
     row_number, read = -1, 0
     try:
-        for sample in iter_sets(uri, stream.storage_cfg, want_images=_wants_images(stream),
-                                want_task=bool(stream.task_kinds)):
+        for sample in iter_sets(uri, stream.storage_cfg, _set_columns(stream)):
             read += 1
             if stream.split is not None and sample["split"] != stream.split:
                 continue
@@ -252,6 +246,12 @@ def read_item(batch: dict[str, np.ndarray], stream: SetStream,
         _bad(stream, report_bad, "shard", uri, err)
     if rows:
         yield _stack(rows)
+
+
+def _set_columns(stream: SetStream) -> list[str]:
+    """The MIS fields a training set is read with (``iter_sets``)."""
+    return ["caption_id", "split", "latents", *(["images"] if _wants_images(stream) else []),
+            *(["task"] if stream.task_kinds else [])]
 
 
 def _wants_images(stream: SetStream) -> bool:
@@ -282,7 +282,11 @@ def _sample_row(sample: dict[str, Any], stream: SetStream, epoch: int, uri: str)
                              stream.keep_order)
     row: dict[str, Any] = {"caption_id": cid, "epoch": epoch, "indices": indices}
     if stream.task_kinds:
-        row.update(task_columns(decode_json(sample["task"] or "null", where), stream.task_kinds,
+        if sample["task"] is None:
+            raise CorruptShardError(f"{where} has no task conditions: it is a MIS set, not a task "
+                                    "dataset's (m2m_ray.data.tasks.build writes those); train "
+                                    "with m2m.task_conditions only on a task dataset")
+        row.update(task_columns(sample["task"], stream.task_kinds,
                                 indices, total, where, stream.camera_frame))
     if stream.use_stored_latents:
         if latents is None:

@@ -32,11 +32,6 @@ def shard_id(file_index: int, line_number: int, lines_per_shard: int) -> int:
     return file_index << _LOW_BITS | (line_number - 1) // lines_per_shard
 
 
-def split_caption_id(cid: int) -> tuple[int, int]:
-    """``(file_index, line_number)`` of a caption id."""
-    return cid >> _LOW_BITS, cid & _LOW_MASK
-
-
 def shard_name(sid: int) -> str:
     """File-name stem of a shard: ``shard-<file index>-<block>``, zero-padded so names sort."""
     return f"shard-{sid >> _LOW_BITS:05d}-{sid & _LOW_MASK:08d}"

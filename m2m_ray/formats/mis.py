@@ -15,8 +15,9 @@ process; a writer that starts sweeps the folders of dead processes), moved to it
 committed by writing its stats JSON last. Readers and reruns trust only shards whose stats file exists, so a killed job never leaves
 a partial shard that counts as committed, and a rerun redoes exactly the uncommitted ones.
 
-Reading them back (samples, the training reader, Ray Datasets, guarded decodes) is
-``m2m_ray.formats.mis_read``; only committed shards are listed (``committed_shards``) and read.
+What a set holds, and how each format stores each field, is the one field table of
+``m2m_ray.formats.mis_fields``. Reading shards back (samples, the training reader, Ray Datasets,
+guarded decodes) is ``m2m_ray.formats.mis_read``; only committed shards are listed (``committed_shards``) and read.
 """
 
 from __future__ import annotations
@@ -29,73 +30,35 @@ import shutil
 import tarfile
 import tempfile
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m2m_ray import storage
 from m2m_ray.config import StorageConfig
 from m2m_ray.formats.ids import shard_name
+# IMAGE_EXTENSIONS, CorruptShardError and latents_to_npy are the contract's names for producers
+# and readers; they are importable from here too.
+from m2m_ray.formats.mis_fields import (  # noqa: F401
+    IMAGE_EXTENSIONS,
+    CorruptShardError,
+    SetRecord,
+    as_sample,
+    current_fields,
+    field_names,
+    latents_to_npy,
+    parquet_schema,
+    to_stored_row,
+    wds_members,
+)
 
 Format = Literal["parquet", "webdataset"]
 
-IMAGE_EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
 
-PARQUET_SCHEMA = pa.schema([
-    ("caption_id", pa.int64()),
-    ("shard_id", pa.int64()),
-    ("split", pa.string()),
-    ("caption", pa.string()),
-    ("url", pa.string()),
-    ("seeds", pa.list_(pa.int64())),
-    ("images", pa.list_(pa.binary())),
-    ("latents", pa.binary()),          # .npy bytes, float16 [N, 4, h, w]; null when not kept
-    ("metadata", pa.string()),         # JSON: generation settings, enough to regenerate
-    ("task", pa.string()),             # JSON task conditions of a task dataset's set; null in MIS
-])
-
-
-@dataclass
-class SetRecord:
-    """One encoded image set, the unit both formats store."""
-
-    caption_id: int
-    shard_id: int
-    split: str
-    caption: str
-    url: str
-    seeds: list[int]
-    images: list[bytes]                # encoded, in seed order
-    image_ext: str                     # jpg / webp / png
-    latents: bytes | None              # .npy bytes or None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    # Task datasets only (m2m_ray.data.tasks): raw per-image conditions, e.g.
-    # {"camera": [N][3][4] world-to-camera, "position": [N] step indices}; None in MIS.
-    task: dict[str, Any] | None = None
-
-    @property
-    def key(self) -> str:
-        """WebDataset key: the zero-padded caption id (no dots, sorts like the ids)."""
-        return f"{self.caption_id:020d}"
-
-    def json_header(self) -> dict[str, Any]:
-        return {"caption_id": self.caption_id, "shard_id": self.shard_id, "split": self.split,
-                "caption": self.caption, "url": self.url, "seeds": self.seeds,
-                "image_ext": self.image_ext, "metadata": self.metadata,
-                **({"task": self.task} if self.task is not None else {})}
-
-
-def latents_to_npy(latents: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, latents.astype(np.float16), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def npy_to_latents(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def set_key(caption_id: int) -> str:
+    """A set's WebDataset key: the zero-padded caption id (no dots, sorts like the ids)."""
+    return f"{caption_id:020d}"
 
 
 class MISLayout:
@@ -211,7 +174,9 @@ class ShardWriter:
         self.layout, self.sid, self.formats = layout, sid, list(formats)
         sweep_shard_temps()
         self._tmp = tempfile.mkdtemp(prefix=f"{shard_name(sid)}-", dir=_process_temp_dir())
-        self._parquet = (pq.ParquetWriter(os.path.join(self._tmp, "shard.parquet"), PARQUET_SCHEMA)
+        self._fields = current_fields()
+        self._parquet = (pq.ParquetWriter(os.path.join(self._tmp, "shard.parquet"),
+                                          parquet_schema(self._fields))
                          if "parquet" in formats else None)
         self._tar = (tarfile.open(os.path.join(self._tmp, "shard.tar"), "w", format=tarfile.USTAR_FORMAT)
                      if "webdataset" in formats else None)
@@ -220,28 +185,27 @@ class ShardWriter:
         self.num_bytes = 0
         self.split_sets: dict[str, int] = {}  # sets per split: the training run length's unit
 
-    def add(self, records: list[SetRecord]) -> None:
-        if not records:
+    def add(self, records: list[SetRecord | Mapping[str, Any]]) -> None:
+        """Append sets (``SetRecord``s or sample mappings of every field of ``MIS_FIELDS``);
+        raises ``ValueError`` for a set that lacks a required field."""
+        samples = [as_sample(r, self._fields) for r in records]
+        if not samples:
             return
         if self._parquet is not None:
-            self._parquet.write_table(pa.Table.from_pylist([{
-                "caption_id": r.caption_id, "shard_id": r.shard_id, "split": r.split,
-                "caption": r.caption, "url": r.url, "seeds": r.seeds, "images": r.images,
-                "latents": r.latents, "metadata": json.dumps(r.metadata, sort_keys=True),
-                "task": None if r.task is None else json.dumps(r.task, sort_keys=True),
-            } for r in records], schema=PARQUET_SCHEMA))
+            columns = field_names(self._fields)
+            self._parquet.write_table(pa.Table.from_pylist(
+                [to_stored_row(s, columns, self._fields) for s in samples],
+                schema=parquet_schema(self._fields)))
         if self._tar is not None:
-            for r in records:
-                self._tar_add(f"{r.key}.json", json.dumps(r.json_header(), sort_keys=True).encode())
-                for index, image in enumerate(r.images):
-                    self._tar_add(f"{r.key}.{index:02d}.{r.image_ext}", image)
-                if r.latents is not None:
-                    self._tar_add(f"{r.key}.latents.npy", r.latents)
-        self.num_sets += len(records)
-        for r in records:
-            self.split_sets[r.split] = self.split_sets.get(r.split, 0) + 1
-        self.num_images += sum(len(r.images) for r in records)
-        self.num_bytes += sum(sum(map(len, r.images)) for r in records)
+            for s in samples:
+                key = set_key(s["caption_id"])
+                for member, data in wds_members(s, self._fields):
+                    self._tar_add(f"{key}.{member}", data)
+        self.num_sets += len(samples)
+        for s in samples:
+            self.split_sets[s["split"]] = self.split_sets.get(s["split"], 0) + 1
+        self.num_images += sum(len(s["images"]) for s in samples)
+        self.num_bytes += sum(sum(map(len, s["images"])) for s in samples)
 
     def _tar_add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -300,10 +264,6 @@ def write_manifest(layout: MISLayout, expected_shards: list[int], extra: dict[st
     return manifest
 
 
-class CorruptShardError(ValueError):
-    """A shard file that cannot be read as MIS; the message names the shard."""
-
-
 # --- reading ------------------------------------------------------------------------------------
 
 
@@ -323,8 +283,3 @@ def split_set_count(stats: dict[str, Any], split: str | None) -> int | None:
         return int(stats["sets"])
     counts = stats.get("split_sets")
     return None if counts is None else int(counts.get(split, 0))
-
-
-def shard_uris(root: str, fmt: Format, storage_cfg: StorageConfig | None = None) -> list[str]:
-    """URIs of the committed shards of ``fmt`` under a MIS root, in shard order."""
-    return [uri for uri, _ in committed_shards(root, fmt, storage_cfg)]

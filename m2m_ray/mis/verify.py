@@ -27,7 +27,7 @@ from m2m_ray import storage
 from m2m_ray.config import StorageConfig
 from m2m_ray.formats.ids import image_seed, shard_name
 from m2m_ray.formats.mis import CorruptShardError, MISLayout
-from m2m_ray.formats.mis_read import iter_shard
+from m2m_ray.formats.mis_read import decode_latents, iter_shard
 from m2m_ray.mis.captions import load_shard_captions, read_captions_stats
 from m2m_ray.mis.resume import shard_problems as stats_problems
 
@@ -52,7 +52,11 @@ def _check_set(sample: dict[str, Any], settings: dict[str, Any], where: str) -> 
                     problems.append(f"{where}: set {cid} image {i} is {image.size}, expected {size}")
         except Exception as err:
             problems.append(f"{where}: set {cid} image {i} does not decode ({err})")
-    latents = sample["latents"]
+    try:
+        latents = None if sample["latents"] is None else decode_latents(
+            sample["latents"], f"{where}: set {cid}")
+    except CorruptShardError as err:
+        return [*problems, str(err)]
     if settings.get("keep_latents") and latents is None:
         problems.append(f"{where}: set {cid} has no latents although keep_latents is on")
     factor = sample["metadata"].get("vae_scale_factor", 8)  # sets made before it was stored: 8
