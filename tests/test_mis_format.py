@@ -78,6 +78,16 @@ def test_table_record_and_sample_agree():
     assert parquet_schema().names == names and pa.null() not in parquet_schema().types
 
 
+def test_writer_refuses_a_missing_required_field_and_derives_image_ext(tmp_path):
+    writer = ShardWriter(MISLayout(str(tmp_path)), 0, FORMATS)
+    with pytest.raises(ValueError, match="set 1: MIS field caption is required but None"):
+        writer.add([{**dataclasses.asdict(RECORDS[0]), "caption": None}])
+    writer.add([{k: v for k, v in dataclasses.asdict(RECORDS[0]).items() if k != "image_ext"}])
+    writer.commit({})
+    for fmt in FORMATS:
+        assert list(iter_mis(str(tmp_path), fmt)) == _want(records=RECORDS[:1])
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_field_round_trips_through_every_local_reader(mis, fmt):
     uri = _uri(mis, fmt)

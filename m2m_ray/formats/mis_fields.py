@@ -159,10 +159,12 @@ def parquet_schema(fields: Sequence[MISField] | None = None,
 
 def as_sample(record: SetRecord | Mapping[str, Any],
               fields: Sequence[MISField] | None = None) -> dict[str, Any]:
-    """A ``SetRecord`` or a sample mapping → the sample of every field; raises ``ValueError``
-    when a required field is missing or None (an optional one is None)."""
+    """A ``SetRecord`` or a sample mapping → the sample of every field to write; raises
+    ``ValueError`` when a required field is missing or None. An optional one missing is None,
+    or what its default function gives (``image_ext``: from ``metadata``)."""
+    fields = fields or current_fields()
     out = {}
-    for f in fields or current_fields():
+    for f in fields:
         if isinstance(record, Mapping):
             value = record.get(f.name)
         elif hasattr(record, f.name):
@@ -174,6 +176,15 @@ def as_sample(record: SetRecord | Mapping[str, Any],
             raise ValueError(f"set {out.get('caption_id')}: MIS field {f.name} is required "
                              "but None")
         out[f.name] = value
+    for f in fields:
+        if out[f.name] is None and f.default_needs:
+            needs = {n: out[n] for n in f.default_needs}
+            try:
+                out[f.name] = f.default(needs)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"set {out.get('caption_id')}: MIS field {f.name} is None and "
+                                 f"does not follow from {sorted(needs)} "
+                                 f"({type(err).__name__}: {err}); give it") from err
     return out
 
 
