@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 EXTERNAL_SPLIT = "external"
 
 # The MIS fields a generation set is made of (a set's context: its first K images).
-_MIS_COLUMNS = ["caption_id", "shard_id", "split", "caption", "seeds", "images", "task"]
+_MIS_COLUMNS = ("caption_id", "shard_id", "split", "caption", "seeds", "images", "task")
 
 
 def file_set_rows(inputs: GenerateInputsConfig,
@@ -64,7 +64,7 @@ def file_set_rows(inputs: GenerateInputsConfig,
 def local_mis_rows(inputs: GenerateInputsConfig,
                    storage: StorageConfig | None = None) -> Iterator[dict[str, Any]]:
     """MIS sets read in this process (engine=local), in shard order."""
-    def samples(columns: list[str] = _MIS_COLUMNS) -> Iterator[MISSample]:
+    def samples(columns: Sequence[str] = _MIS_COLUMNS) -> Iterator[MISSample]:
         if inputs.mis_shard:
             return (s for s in iter_shard(inputs.mis_shard, storage, columns)
                     if inputs.mis_split is None or s["split"] == inputs.mis_split)
