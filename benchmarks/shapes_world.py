@@ -7,8 +7,8 @@ combinations held out of the teacher's training.
 Captions: one per (shape, colour, background) combination the teacher trained on (45), written by
 the shapes world's caption generator from a seed the training never used; the held-out
 combinations (3) are scored separately. Every image is read out and compared with its caption's
-attributes (``m2m_ray.shapes.evaluate``), overall and split by the caption's value (``by_value``:
-what each caption value is read as).
+attributes (``m2m_ray.shapes.evaluate``, ``m2m_ray.fidelity.scoring``), overall and split by the
+caption's value (``by_value``: what each caption value is read as).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from m2m_ray.fidelity.scoring import teacher_agreement  # noqa: E402
 from m2m_ray.models import presets  # noqa: E402
 from m2m_ray.models.config import ModelConfig  # noqa: E402
 from m2m_ray.shapes import evaluate, world  # noqa: E402
 from m2m_ray.shapes.readout import AttributeReadout  # noqa: E402
-from m2m_ray.shapes.teacher import HELD_OUT  # noqa: E402
+from m2m_ray.shapes.world import HELD_OUT  # noqa: E402
 
 
 def captions_for(keys, seed: int) -> tuple[list[str], list[dict]]:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for guidance in args.guidance:
         for name, keys in (("teacher", trained), ("teacher_held_out_combinations", HELD_OUT)):
             captions, targets = captions_for(keys, args.seed + 2)
-            measured = evaluate.teacher_agreement(
+            measured = teacher_agreement(
                 model, captions, targets, images_per_caption=args.images_per_caption,
                 guidance_scale=guidance, steps=args.steps, seed=args.seed, readout=readout)
             measured.pop("images")

@@ -22,7 +22,7 @@ $PY pipelines/build_mis.py --config configs/shapes/build_mis.yaml --output_uri=$
   "--captions.inputs=[$OUT/captions.tsv]" --generate.images_per_caption=12 "$@"
 $PY -m m2m_ray.mis.verify $OUT/mis
 $PY -m m2m_ray.mis.preview $OUT/mis --out $OUT/mis_preview.png --sets 8
-$PY -m m2m_ray.shapes.report $OUT/mis --out $OUT/mis_report
+$PY -m m2m_ray.fidelity.mis_report --config configs/shapes/mis_report.yaml
 
 step "2/5 train M2M-Self from the teacher's UNet on Ray Train (TorchTrainer, 2 CPU workers)"
 $PY pipelines/train.py --config configs/shapes/m2m-self.yaml
@@ -34,10 +34,10 @@ step "4/5 evaluate (Table 1 layout: FID/IS on the attribute read-out, caption an
 $PY pipelines/evaluate.py --config configs/shapes/evaluate.yaml
 
 step "5/5 method fidelity: does M2M take its context's shape, colour and background?"
-$PY -m m2m_ray.eval.fidelity --model $OUT/model --mis $OUT/mis --out $OUT/fidelity/fidelity.json \
-  --sets 16 --drift 8   # up to 16 MIS test sets (this MIS has 14), K = 1, 2, 4 → M = 4; drift: M = 8
+$PY -m m2m_ray.fidelity.method --config configs/shapes/fidelity.yaml \
+  --mis_sets=16 --drift=8   # up to 16 MIS test sets (this MIS has 14), K = 1, 2, 4 → M = 4; drift: M = 8
 
 echo
 echo "done ($(date +%H:%M:%S)): $OUT/ (captions.tsv, mis/, mis_preview.png, mis_report/, train/, model/,"
 echo "  generations/contact_sheet.png, eval_generations/eval/report.{json,md,png},"
-echo "  fidelity/fidelity.{json,md,png}, fidelity/fidelity_sheet.png)"
+echo "  fidelity/fidelity.{json,md,png}, fidelity/fidelity_sheet.png, fidelity/fidelity_config.json)"

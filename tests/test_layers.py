@@ -273,6 +273,23 @@ def test_no_import_cycles() -> None:
         "or by passing the value in instead of importing it:\n  " + "\n  ".join(described))
 
 
+#: eval/ reads the shapes world only through its read-out adapter (docs/design.md, "Why these
+#: cuts"); the shapes-world experiments live in fidelity/, one layer up.
+EVAL_SHAPES_ADAPTER = LIB / "eval" / "shapes_extractors.py"
+
+
+def test_eval_reads_the_shapes_world_only_through_its_adapter() -> None:
+    imports = [imp for imp in _all_imports() if package_of(module_name(imp.file)) == "eval"]
+    assert any(imp.file == EVAL_SHAPES_ADAPTER and package_of(imp.target) == "shapes"
+               for imp in imports), "the walker found no shapes import in the adapter"
+    stray = [f"{_where(imp)} imports {imp.target}" for imp in imports
+             if package_of(imp.target) == "shapes" and imp.file != EVAL_SHAPES_ADAPTER]
+    assert not stray, (
+        "eval/ imports the shapes world outside its read-out adapter "
+        f"{EVAL_SHAPES_ADAPTER.relative_to(ROOT)}: " + "; ".join(stray) + ". Put a shapes-world "
+        "measure in m2m_ray/fidelity/ (layer 8), or what eval's extractors need in the adapter")
+
+
 def test_files_stay_small() -> None:
     long = [(f, n) for f in library_files()
             if (n := len(f.read_text(encoding="utf-8").splitlines())) > MAX_LINES]
@@ -285,8 +302,8 @@ def test_files_stay_small() -> None:
 
 def test_main_guard_is_last() -> None:
     """``if __name__ == "__main__":`` runs ``main()`` when the file is executed, before anything
-    defined below it exists: m2m_ray/eval/fidelity.py once defined a helper there, and
-    ``python -m m2m_ray.eval.fidelity`` (the demo's last step) died with a NameError that importing
+    defined below it exists: method fidelity (then m2m_ray/eval/fidelity.py) once defined a helper
+    there, and the demo's last step died with a NameError that importing
     the module never shows. In every script and module, the guard is the last statement."""
     late = []
     for path in sorted([*library_files(), *(ROOT / "pipelines").glob("*.py"),

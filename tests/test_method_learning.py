@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from m2m_ray.eval.fidelity import measure_fidelity, renderer_context_sets
+from m2m_ray.fidelity.method import measure_fidelity, renderer_context_sets
 from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.sampling.config import SampleConfig
 from m2m_ray.sampling.pipeline import M2MPipeline

@@ -13,6 +13,7 @@ import torch
 
 from m2m_ray.models import presets
 from m2m_ray.models.config import ModelConfig
+from m2m_ray.fidelity.scoring import teacher_agreement
 from m2m_ray.shapes import evaluate, world
 from m2m_ray.shapes.readout import AttributeReadout
 
@@ -42,16 +43,14 @@ def test_readout_reads_held_out_renders():
 def test_vae_reconstructions_keep_the_attributes():
     result = evaluate.vae_agreement(presets.load_vae(SHAPES), AttributeReadout.load(), seed=4243,
                                     count=200)
-    assert min(result[a] for a in evaluate.SCORED) >= 0.93, result
+    assert min(result[a] for a in world.SCORED) >= 0.93, result
 
 
 def test_teacher_follows_its_caption_through_the_stage_2_generator():
     import itertools
 
-    from m2m_ray.shapes.teacher import HELD_OUT
-
     keys = [k for k in itertools.product(world.SHAPES, world.COLOURS, world.BACKGROUNDS)
-            if k not in HELD_OUT][::3]  # 15 combinations, every attribute value among them
+            if k not in world.HELD_OUT][::3]  # 15 combinations, every attribute value among them
     rng = np.random.default_rng(11)
     captions, targets = [], []
     for shape, colour, background in keys:
@@ -59,12 +58,11 @@ def test_teacher_follows_its_caption_through_the_stage_2_generator():
                                              background=background)
         captions.append(world.caption(attributes, rng))
         targets.append({"shape": shape, "colour": colour, "background": background})
-    result = evaluate.teacher_agreement("shapes", captions, targets, images_per_caption=4,
-                                        steps=20)
+    result = teacher_agreement("shapes", captions, targets, images_per_caption=4, steps=20)
     print("teacher agreement", result["agreement"])
     _above_floors(result["agreement"])
     assert result["diversity"] > 0.3 * result["renderer_diversity"]  # sets are not one image
-    for name in evaluate.SCORED:  # the split by caption value adds up to the overall figure
+    for name in world.SCORED:  # the split by caption value adds up to the overall figure
         split = result["by_value"][name]
         assert sum(v["sets"] for v in split.values()) == len(captions)
         right = sum(v["sets"] * v["generated"].get(value, 0) for value, v in split.items())
@@ -91,11 +89,11 @@ def test_build_mis_on_shapes_captions_gives_a_verified_mis_that_follows_them(ray
     from m2m_ray.mis.captions import run_captions_stage
     from m2m_ray.mis.config import BuildMISConfig
     from m2m_ray.mis.verify import verify_mis
-    from m2m_ray.shapes.report import mis_report, write_report
-    from m2m_ray.shapes.teacher import HELD_OUT
+    from m2m_ray.fidelity.config import MISReportConfig
+    from m2m_ray.fidelity.mis_report import run_mis_report
 
     tsv = tmp_path / "shapes.tsv"
-    world.write_caption_tsv(str(tsv), seed=5, count=6, exclude=HELD_OUT)
+    world.write_caption_tsv(str(tsv), seed=5, count=6, exclude=world.HELD_OUT)
     cfg = load_config(BuildMISConfig, ROOT / "configs/shapes/build_mis.yaml", [
         f"--output_uri={tmp_path / 'mis'}", f"--captions.inputs=[{tsv}]",
         "--captions.lines_per_shard=3", "--generate.images_per_caption=5",
@@ -103,9 +101,10 @@ def test_build_mis_on_shapes_captions_gives_a_verified_mis_that_follows_them(ray
     run_captions_stage(cfg)
     run_generate_stage(cfg)
     assert verify_mis(str(tmp_path / "mis"))[0] == []
-    report = mis_report(str(tmp_path / "mis"))
+    report, files = run_mis_report(MISReportConfig(mis_uri=str(tmp_path / "mis"),
+                                                   out=str(tmp_path / "report" / "report.json")))
     assert report["sets"] == 6 and report["images_per_set"] == 5
     print("shapes-MIS agreement", report["agreement"])
     _above_floors(report["agreement"])
-    files = write_report(report, str(tmp_path / "report"))
-    assert all((tmp_path / "report" / f"report.{ext}").stat().st_size > 0 for ext in files)
+    assert set(files) == {"json", "md", "png", "config"}
+    assert all(Path(path).stat().st_size > 0 for path in files.values())

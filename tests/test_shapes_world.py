@@ -6,7 +6,7 @@ import pytest
 
 from m2m_ray.shapes import world
 from m2m_ray.shapes.readout import colour_of
-from m2m_ray.shapes.teacher import HELD_OUT
+from m2m_ray.shapes.world import HELD_OUT
 
 
 def _draw(seed: int, **fixed):

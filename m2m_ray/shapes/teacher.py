@@ -7,8 +7,7 @@ scratch on (caption, render) pairs (``python -m m2m_ray.shapes.train teacher``).
 diffusers folder layout, it is loaded by the ``shapes`` model preset through the same
 ``from_pretrained`` calls as SD-2.1-base and sampled by the same stage-2 generator.
 
-``HELD_OUT`` attribute combinations never appear in the teacher's training data nor in shapes-MIS
-(``configs/shapes/``), so that generalisation to unseen combinations can be measured.
+It never trains on the ``m2m_ray.shapes.world.HELD_OUT`` attribute combinations.
 """
 
 from __future__ import annotations
@@ -19,12 +18,6 @@ import torch
 
 from m2m_ray.models.clip_tokenizer import clip_tokenizer
 
-#: (shape, colour, background) combinations left out of teacher training and shapes-MIS.
-HELD_OUT: tuple[tuple[str, str, str], ...] = (
-    ("triangle", "blue", "dots"),
-    ("circle", "yellow", "stripes"),
-    ("cross", "red", "plain"),
-)
 TEACHER_SEED_OFFSET = 17
 
 UNET_CONFIG = dict(
@@ -66,8 +59,3 @@ def token_ids(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
 
-
-def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    """``[B, 77, D]`` last hidden states, exactly as ``StableDiffusionPipeline.encode_prompt``
-    computes them (no attention mask)."""
-    return text_encoder(token_ids(tokenizer, prompts).to(text_encoder.device))[0]

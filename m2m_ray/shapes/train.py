@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from m2m_ray.shapes import evaluate, world
+from m2m_ray.shapes.world import HELD_OUT
 from m2m_ray.shapes.readout import HEADS, AttributeReadout, ReadoutNet, to_tensor
 from m2m_ray.shapes.teacher import (
-    HELD_OUT,
     TEACHER_SEED_OFFSET,
     build_teacher,
     teacher_scheduler,

@@ -18,6 +18,9 @@ Everything is a pure function of a seed: ``sample_attributes(rng)`` draws attrib
 striped background", "a red triangle, stripes behind it"). ``write_caption_tsv`` writes
 ``url<TAB>caption`` lines so MIS stage 1 ingests them like CC12M; the "url" is a ``shapes://`` URI
 that names the attributes and seed of the render the caption was written from.
+
+``SCORED`` names the attributes every measure scores; ``HELD_OUT`` combinations appear neither in
+the teacher's training data nor in shapes-MIS (``configs/shapes/``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "yellow", "green", "blue")
 BACKGROUNDS = ("plain", "stripes", "dots")
 ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "background": BACKGROUNDS}
+#: The attributes a set shares and every measure scores (read-out agreement, fidelity).
+SCORED = ("shape", "colour", "background")
+#: (shape, colour, background) combinations left out of teacher training and shapes-MIS, so that
+#: generalisation to unseen combinations can be measured.
+HELD_OUT: tuple[tuple[str, str, str], ...] = (
+    ("triangle", "blue", "dots"),
+    ("circle", "yellow", "stripes"),
+    ("cross", "red", "plain"),
+)
 HUES = {"red": 0.0, "yellow": 55.0, "green": 125.0, "blue": 225.0}  # degrees
 HUE_JITTER = 8.0             # degrees, uniform ±
 PERIOD = 8                   # px: stripe and dot period at 32 px
@@ -293,8 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m m2m_ray.shapes.world --out captions.tsv --count 64 --seed 0``: a CC12M-format
     caption file of the shapes world, without the held-out attribute combinations."""
     import argparse
-
-    from m2m_ray.shapes.teacher import HELD_OUT
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", required=True)

@@ -2,8 +2,11 @@
 colour and background (paper §8.1–8.2, Figure 6: more context helps), and does that survive
 context from outside its training distribution (§8.3's zero-shot setting)?
 
-    python -m m2m_ray.eval.fidelity --model outputs/shapes/model --mis outputs/shapes/mis \
-        --out outputs/shapes/fidelity/fidelity.json
+    python -m m2m_ray.fidelity.method --config configs/shapes/fidelity.yaml \
+        --model_path=outputs/shapes/model --mis_uri=outputs/shapes/mis
+
+Any ``MethodFidelityConfig`` key can be overridden as ``--a.b=value``
+(``--sample.num_inference_steps=10``).
 
 For S context sets and each K: the first K images of a set are the context, M images are generated
 auto-regressively (``M2MPipeline.generate``), and the shapes world's attribute read-out
@@ -25,37 +28,38 @@ fraction of generated images that carry the context's attribute:
 Context sources: MIS test sets (the teacher's images, as in training), and images straight from
 the renderer (this world's "real images"; M2M never trained on one), also for attribute
 combinations held out of the teacher's captions and of shapes-MIS
-(``m2m_ray.shapes.teacher.HELD_OUT``).
+(``m2m_ray.shapes.world.HELD_OUT``). Writes the report at ``out`` (``m2m_ray.fidelity.report``).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
-import json
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from m2m_ray.fidelity.config import MethodFidelityConfig, parse_config
+from m2m_ray.fidelity.report import pyplot, write_report
+from m2m_ray.fidelity.scoring import CHANCE, agreement_by_value
+from m2m_ray.fidelity.scoring import teacher_images as teacher_images_of
 from m2m_ray.formats.mis_read import iter_mis
-from m2m_ray.shapes import evaluate as shapes_evaluate
 from m2m_ray.shapes import world
-from m2m_ray.shapes.evaluate import SCORED
 from m2m_ray.shapes.readout import AttributeReadout
+from m2m_ray.shapes.world import HELD_OUT, SCORED
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from m2m_ray.config import StorageConfig
     from m2m_ray.sampling.config import SampleConfig
     from m2m_ray.sampling.pipeline import M2MPipeline
-
-CHANCE = {name: round(1 / len(values), 4) for name, values in world.ATTRIBUTES.items()}
 
 
 @dataclass
@@ -71,11 +75,12 @@ class ContextSets:
 
 
 def mis_context_sets(root: str, split: str = "test", max_sets: int | None = 32,
-                     fmt: str = "parquet", context_images: int = 4) -> ContextSets:
+                     fmt: str = "parquet", context_images: int = 4,
+                     storage_cfg: "StorageConfig | None" = None) -> ContextSets:
     """The first ``max_sets`` sets of ``split`` of a shapes-MIS: images ``[:context_images]`` are
     contexts, the rest the teacher reference. Raises ``FileNotFoundError`` when there are none."""
     images, captions = [], []
-    for sample in itertools.islice(iter_mis(root, fmt, split=split), max_sets):
+    for sample in itertools.islice(iter_mis(root, fmt, storage_cfg, split=split), max_sets):
         images.append(np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
                                 for b in sample["images"]]))
         captions.append(sample["caption"])
@@ -165,9 +170,8 @@ def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
     reference = sets.reference
     if (reference is None or reference.shape[1] == 0) and teacher_images:
         # the teacher given each caption, through MIS stage 2's generator (Euler, guidance 7.5)
-        reference = shapes_evaluate.teacher_images("shapes", sets.captions, teacher_images,
-                                                   seed=seed + 20_000, captions_per_batch=8,
-                                                   first_id=0)
+        reference = teacher_images_of("shapes", sets.captions, teacher_images,
+                                      seed=seed + 20_000, captions_per_batch=8, first_id=0)
     elif reference is not None and reference.shape[1] == 0:
         reference = None  # no teacher column (teacher_images=0)
     reference_read = (None if reference is None else
@@ -187,7 +191,7 @@ def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
             "m2m": _by_attribute(agree.mean(axis=(1, 2))),
             "m2m_all_three": round(float(agree.all(axis=0).mean()), 4),
             "m2m_per_k": [_by_attribute(agree[:, :, k].mean(axis=1)) for k in range(M)],
-            "m2m_by_value": shapes_evaluate.agreement_by_value(read, targets, M),
+            "m2m_by_value": agreement_by_value(read, targets, M),
             "context_dropped": _by_attribute(base.mean(axis=(1, 2))),
             "base_rate": {name: round(float(np.mean([frequency[name][t[name]] / (S * M)
                                                      for t in targets])), 4) for name in SCORED},
@@ -258,14 +262,10 @@ def render_fidelity_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_fidelity_plot(results: dict[str, Any]) -> bytes:
+def render_fidelity_plot(results: dict[str, Any]) -> "Figure":
     """PNG: agreement against K per attribute and source (dashed: context dropped), and the
     per-k curve of the drift run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = len(SCORED) + (1 if results.get("drift") else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.4))
     for ax, name in zip(axes, SCORED):
@@ -292,10 +292,7 @@ def render_fidelity_plot(results: dict[str, Any]) -> bytes:
         ax.legend(fontsize=7)
     fig.suptitle(f"{_method(results)} on the shapes world (dashed: context dropped)")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return fig
 
 
 def fidelity_sheet(source: dict[str, Any], thumb: int = 64) -> Image.Image:
@@ -312,82 +309,66 @@ def fidelity_sheet(source: dict[str, Any], thumb: int = 64) -> Image.Image:
     return contact_sheet(rows, thumb)
 
 
-def write_fidelity_report(results: dict[str, Any], out: str) -> dict[str, str]:
-    """``out`` (a .json path) plus .md, .png and _sheet.png beside it; returns the paths. The
-    example images stay out of the JSON."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    paths = {"json": str(path), "md": str(path.with_suffix(".md")),
-             "png": str(path.with_suffix(".png")),
-             "sheet": str(path.with_name(path.stem + "_sheet.png"))}
-    fidelity_sheet(results["sources"][0]).save(paths["sheet"])
-
-    def strip(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k != "examples"}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
-
-    path.write_text(json.dumps(strip(results), indent=2))
-    Path(paths["md"]).write_text(render_fidelity_markdown(results))
-    Path(paths["png"]).write_bytes(render_fidelity_plot(results))
-    return paths
+def without_examples(value: Any) -> Any:
+    """``results`` without the ``examples`` (image arrays) that only the contact sheet shows."""
+    if isinstance(value, dict):
+        return {k: without_examples(v) for k, v in value.items() if k != "examples"}
+    if isinstance(value, list):
+        return [without_examples(v) for v in value]
+    return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="an exported M2M pipeline folder")
-    parser.add_argument("--mis", default="outputs/shapes/mis", help="a shapes-MIS root")
-    parser.add_argument("--out", required=True, help="results JSON (siblings: .md, .png)")
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--num-images", type=int, default=4, help="M per set")
-    parser.add_argument("--drift", type=int, default=10, help="M of the per-k drift run; 0: none")
-    parser.add_argument("--sets", type=int, default=32, help="MIS test sets")
-    parser.add_argument("--renderer-sets", type=int, default=1,
-                        help="rendered sets per attribute combination")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--scheduler", default="euler")
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    from m2m_ray.sampling.config import SampleConfig
+def write_fidelity_report(results: dict[str, Any], cfg: MethodFidelityConfig) -> dict[str, str]:
+    """The report at ``cfg.out``: JSON (no example images), Markdown, plot, the first source's
+    contact sheet and the config (``m2m_ray.fidelity.report.write_report``); returns the paths."""
+    return write_report(cfg, without_examples(results), render_fidelity_markdown(results),
+                        render_fidelity_plot(results), fidelity_sheet(results["sources"][0]))
+
+
+def run_method_fidelity(cfg: MethodFidelityConfig, command: str = "") -> dict[str, Any]:
+    """Every context source of the module docstring, then the drift run; returns the results
+    (``rows[-1]["examples"]`` hold image arrays)."""
     from m2m_ray.sampling.pipeline import M2MPipeline
-    from m2m_ray.shapes.teacher import HELD_OUT
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
-    pipe = M2MPipeline.from_pretrained(args.model)
+    pipe = M2MPipeline.from_pretrained(cfg.model_path, storage=cfg.storage)
     readout = AttributeReadout.load()
-    spec = SampleConfig(num_images=args.num_images, num_inference_steps=args.steps,
-                        scheduler=args.scheduler, guidance_scale=args.guidance,
-                        context_window=max(args.ks) + max(args.num_images, args.drift))
+    spec, K, seed = cfg.sample, max(cfg.ks), cfg.sample.seed
     seen = [k for k in itertools.product(world.SHAPES, world.COLOURS, world.BACKGROUNDS)
             if k not in HELD_OUT]
     sources = [
-        mis_context_sets(args.mis, "test", args.sets, context_images=max(args.ks)),
-        renderer_context_sets(seen, args.renderer_sets, max(args.ks), args.seed + 1,
-                                       "renderer (combinations in shapes-MIS)"),
-        renderer_context_sets(HELD_OUT, max(4, args.renderer_sets * 4), max(args.ks),
-                                       args.seed + 2, "renderer (held-out combinations)"),
+        mis_context_sets(cfg.mis_uri, "test", cfg.mis_sets, context_images=K,
+                         storage_cfg=cfg.storage),
+        renderer_context_sets(seen, cfg.renderer_sets, K, seed + 1,
+                              "renderer (combinations in shapes-MIS)"),
+        renderer_context_sets(HELD_OUT, max(4, cfg.renderer_sets * 4), K, seed + 2,
+                              "renderer (held-out combinations)"),
     ]
-    results = {"model": args.model, "variant": pipe.variant, "spec": spec.model_dump(),
-               "command": "python -m m2m_ray.eval.fidelity " + " ".join(argv or sys.argv[1:]),
-               "machine": f"CPU, {torch.get_num_threads()} torch threads", "sources": []}
+    results = {"model": cfg.model_path, "variant": pipe.variant, "spec": spec.model_dump(),
+               "command": command, "machine": f"CPU, {torch.get_num_threads()} torch threads",
+               "sources": []}
     for sets in sources:
-        results["sources"].append(measure_fidelity(pipe, sets, args.ks, spec, readout,
-                                                            args.seed))
+        results["sources"].append(measure_fidelity(pipe, sets, cfg.ks, spec, readout, seed,
+                                                   cfg.teacher_images))
         print(f"[fidelity] {sets.name}: {time.perf_counter() - started:.0f} s", flush=True)
-    if args.drift:
-        long = spec.model_copy(update={"num_images": args.drift})
-        results["drift"] = measure_fidelity(pipe, sources[0], [max(args.ks)], long,
-                                                     readout, args.seed)
+    if cfg.drift:
+        long = spec.model_copy(update={"num_images": cfg.drift})
+        results["drift"] = measure_fidelity(pipe, sources[0], [K], long, readout, seed,
+                                            cfg.teacher_images)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    paths = write_fidelity_report(results, args.out)
-    print(Path(paths["md"]).read_text())
-    return 0
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse_config(MethodFidelityConfig, argv, __doc__.split("\n\n")[0])
+    command = "python -m m2m_ray.fidelity.method " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    results = run_method_fidelity(cfg, command)
+    write_fidelity_report(results, cfg)
+    print(render_fidelity_markdown(results))
+    return without_examples(results)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
