@@ -21,7 +21,7 @@ from m2m_ray.config import (
 )
 from m2m_ray.mis.config import BuildMISConfig
 from m2m_ray.mis.resume import check_captions_rerun, check_generate_resume, check_image_settings
-from m2m_ray.mis.tasks.build import TaskDatasetConfig, _check_config
+from m2m_ray.mis.tasks.build import TaskDatasetConfig, check_config
 from m2m_ray.train.checkpoint import resume_changes
 from m2m_ray.train.config import TrainConfig
 
@@ -102,9 +102,9 @@ def test_task_dataset_refusal_names_key_old_new_and_the_way_out(tmp_path):
     cfg = load_config(TaskDatasetConfig, ROOT / "configs/shapes/views_data.yaml",
                       [f"--source={tmp_path / 'raw'}", f"--output_uri={tmp_path / 'tasks'}",
                        "--units_per_shard=4"])
-    _check_config(cfg)  # writes the config beside the new dataset
-    _check_config(cfg.model_copy(update={"max_shard_attempts": 5}))  # how it runs may change
-    message = _refusal(lambda: _check_config(cfg.model_copy(update={"units_per_shard": 8})))
+    check_config(cfg)  # writes the config beside the new dataset
+    check_config(cfg.model_copy(update={"max_shard_attempts": 5}))  # how it runs may change
+    message = _refusal(lambda: check_config(cfg.model_copy(update={"units_per_shard": 8})))
     assert "units_per_shard: 4 → 8" in message
     assert "new output_uri" in message and str(tmp_path / "tasks" / "mis") in message
 

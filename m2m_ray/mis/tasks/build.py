@@ -178,7 +178,7 @@ def run_build_tasks(cfg: TaskDatasetConfig,
     ``TaskDataError`` naming the file (``on_bad: error``), and ``RuntimeError`` naming the shards
     still pending after ``max_shard_attempts`` rounds."""
     layout = MISLayout(cfg.output_uri, cfg.storage)
-    _check_config(cfg)
+    check_config(cfg)
     units = list_units(cfg)
     if not units:
         raise FileNotFoundError(f"no {cfg.kind} units under {cfg.source}; check the path")
@@ -213,7 +213,7 @@ def run_build_tasks(cfg: TaskDatasetConfig,
     return {**manifest, "progress": final}
 
 
-def _check_config(cfg: TaskDatasetConfig) -> None:
+def check_config(cfg: TaskDatasetConfig) -> None:
     """Write the config beside a new dataset; refuse (``ResumeMismatchError``) to continue one
     built with other settings (every key but ``HOW_NOT_WHAT``)."""
     uri = storage.join(cfg.output_uri, CONFIG_NAME)
