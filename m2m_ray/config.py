@@ -13,7 +13,9 @@ module is the ground floor they all build on and imports nothing of ours:
       cfg = load_config(BuildMISConfig, "configs/tiny/build_mis.yaml", ["--captions.batch_size=64"])
 
 - the cross-cutting sections: ``RayConfig``, ``StorageConfig`` and ``ActorPoolConfig`` (where a
-  Ray Data stage runs and how wide; ``with_defaults`` gives each stage its own defaults).
+  Ray Data stage runs and how wide; ``with_defaults`` gives each stage its own defaults);
+- the one resume guard: ``ResumeMismatchError`` and ``refuse_resume`` / ``setting_changes``,
+  used by every job that continues an output (MIS stages 1 and 2, task datasets, training).
 
 Credentials never live in configs: S3 keys come from the environment or the AWS profile only, so a
 saved config (``m2m_ray.storage.save_config``) can be shared as it is.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Sequence, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Iterable, Mapping, Sequence, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -67,6 +69,34 @@ def with_defaults(cls: type[T], **defaults: Any) -> Any:
 def moved_to(section: str, keys: Sequence[str]) -> dict[str, str]:
     """``renamed_keys`` entries for keys that moved, unchanged, into a sub-section."""
     return {key: f"{section}.{key}" for key in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: one guard, one error
+# ---------------------------------------------------------------------------------------------
+
+
+class ResumeMismatchError(ValueError):
+    """A rerun or resume whose inputs or settings differ from those its output was made with (a
+    MIS, a task dataset, a training run). The message names each changed key, old → new, and the
+    way out (the folder to delete, the new output or run name to use)."""
+
+
+def setting_changes(old: Mapping[str, Any], new: Mapping[str, Any],
+                    keys: Iterable[str] | None = None, prefix: str = "") -> list[str]:
+    """``"<prefix><key>: <old!r> → <new!r>"`` for each key of ``keys`` (default: every key of
+    either mapping, sorted) whose values differ; a key one side lacks reads as None there."""
+    keys = sorted(set(old) | set(new)) if keys is None else keys
+    return [f"{prefix}{key}: {old.get(key)!r} → {new.get(key)!r}" for key in keys
+            if old.get(key) != new.get(key)]
+
+
+def refuse_resume(what: str, changes: Sequence[str], way_out: str) -> None:
+    """Raise ``ResumeMismatchError`` ``"<what> (<change>; <change>...). <way_out>"`` when
+    ``changes`` (``"key: old → new"`` lines, e.g. ``setting_changes``) is not empty; return
+    otherwise. ``what`` says which output refuses and why; ``way_out`` how to go on."""
+    if changes:
+        raise ResumeMismatchError(f"{what} ({'; '.join(changes)}). {way_out}")
 
 
 # ---------------------------------------------------------------------------------------------

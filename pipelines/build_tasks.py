@@ -1,6 +1,7 @@
 """Build a task dataset for fine-tuning (paper §8.5): Objaverse renders in the Zero123 layout
 (novel-view synthesis, camera per view) or VGSI / wikiHow procedures (visual procedure
-generation, position per step) → training shards, on Ray Data (m2m_ray/data/tasks/build.py).
+generation, position per step) → training shards, with the building package's shard builder
+(m2m_ray/mis/tasks/build.py).
 
     python pipelines/build_tasks.py --config configs/shapes/views_data.yaml
     python pipelines/build_tasks.py --config configs/objaverse-data.yaml \\
@@ -21,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
 from m2m_ray.config import config_to_yaml, load_config  # noqa: E402
-from m2m_ray.data.tasks.build import TaskDatasetConfig, run_build_tasks  # noqa: E402
+from m2m_ray.mis.tasks.build import TaskDatasetConfig, run_build_tasks  # noqa: E402
 from m2m_ray.runtime import init_ray  # noqa: E402
 
 

@@ -225,7 +225,7 @@ def test_rerun_with_other_caption_settings_or_inputs_is_refused(built):
     """Issue 17.1: lines_per_shard 3 → 4 (or changed input bytes) over committed shards is refused
     with what changed and how to start over; an unchanged rerun keeps stage 1 untouched; stage 2
     with other caption settings is refused; a dataset that disagrees with stage 1 fails the run."""
-    from m2m_ray.mis.resume import ResumeMismatchError
+    from m2m_ray.config import ResumeMismatchError
 
     cfg, _ = built
     root = cfg.output_uri

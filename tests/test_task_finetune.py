@@ -14,16 +14,12 @@ import pytest
 import torch
 
 from m2m_ray.config import load_config
-from m2m_ray.data.tasks import (
-    TaskDataError,
-    relative_cameras,
-    sequence_conditions,
-    task_columns,
-)
-from m2m_ray.data.tasks.build import TaskDatasetConfig, run_build_tasks
+from m2m_ray.data.tasks import relative_cameras, sequence_conditions, task_columns
 from m2m_ray.formats import generations as gen
 from m2m_ray.formats.mis import CorruptShardError
 from m2m_ray.formats.mis_read import iter_mis
+from m2m_ray.formats.tasks import TaskDataError
+from m2m_ray.mis.tasks.build import TaskDatasetConfig, run_build_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pipelines"))

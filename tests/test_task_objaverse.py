@@ -17,8 +17,10 @@ import pytest
 from PIL import Image
 
 from m2m_ray.config import StorageConfig
-from m2m_ray.data.tasks import TaskDataError, TaskReadReport, relative_cameras
-from m2m_ray.data.tasks.objaverse import (
+from m2m_ray.data.tasks import relative_cameras
+from m2m_ray.formats.tasks import TaskDataError
+from m2m_ray.mis.tasks import TaskReadReport
+from m2m_ray.mis.tasks.objaverse import (
     composite_on_white,
     iter_objaverse_sets,
     list_objects,

@@ -1,4 +1,4 @@
-"""The VGSI procedure reader (m2m_ray/data/tasks/vgsi.py) on the shapes world's procedures written in
+"""The VGSI procedure reader (m2m_ray/mis/tasks/vgsi.py) on the shapes world's procedures written in
 the VGSI layout (m2m_ray/shapes/procedures.py), the step read-out, and every kind of bad input."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from m2m_ray.config import StorageConfig
-from m2m_ray.data.tasks import TaskDataError, TaskReadReport
-from m2m_ray.data.tasks.vgsi import iter_vgsi_sets, list_articles, read_article
+from m2m_ray.formats.tasks import TaskDataError
+from m2m_ray.mis.tasks import TaskReadReport
+from m2m_ray.mis.tasks.vgsi import iter_vgsi_sets, list_articles, read_article
 from m2m_ray.shapes import procedures
 
 STEPS = 6

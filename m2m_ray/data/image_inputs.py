@@ -5,9 +5,10 @@
 
 - A folder gives its image files (by suffix, not recursive) in name order; a glob gives its
   matches in name order; a file gives itself. A spec that matches nothing is an error naming it.
-- Any size and mode: EXIF orientation applied; transparency composited over white; 16-bit and
-  float images scaled to 8 bits; grey, palette, CMYK... converted to RGB. Then the shorter side is
-  resized to the target and the centre cropped to a square (the aspect ratio is kept).
+- Any size and mode: ``m2m_ray.formats.images.to_rgb`` (EXIF orientation applied; transparency
+  composited over white; 16-bit and float images scaled to 8 bits; grey, palette, CMYK...
+  converted to RGB). Then ``fit_square``: the shorter side is resized to the target and the
+  centre cropped to a square (the aspect ratio is kept).
 - A file that cannot be decoded is an ``ImageInputError`` naming it and what PIL said.
 """
 
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from m2m_ray import storage as st
+from m2m_ray.formats.images import fit_square, to_rgb
 
 if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig
@@ -61,27 +63,6 @@ def expand_image_specs(specs: Sequence[str],
     return uris
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode → RGB (see the module docstring)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I;16"):
-        array = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(array.round().clip(0, 255).astype(np.uint8))
-    elif image.mode in ("I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max()
-        if peak > 255:  # 16/32-bit integers or HDR floats: scale the range down to 8 bits
-            array = array * (255.0 / peak)
-        image = Image.fromarray(array.round().clip(0, 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
 def open_image(data: bytes, name: str) -> Image.Image:
     """Decode ``data`` fully (a truncated file fails here) → RGB; errors name ``name``."""
     try:
@@ -92,16 +73,6 @@ def open_image(data: bytes, name: str) -> Image.Image:
         raise ImageInputError(f"cannot read image {name} ({len(data)} bytes): "
                               f"{type(err).__name__}: {err}. Expected a PNG, JPEG, WebP, BMP, "
                               "GIF or TIFF file; remove or replace it") from err
-
-
-def fit_square(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` and crop the centre to ``size`` × ``size``."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def load_images(specs: Sequence[str], size: int,

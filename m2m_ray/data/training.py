@@ -43,7 +43,7 @@ from PIL import Image
 
 from m2m_ray.config import StorageConfig
 from m2m_ray.data.config import TrainDataConfig
-from m2m_ray.data.image_inputs import fit_square
+from m2m_ray.formats.images import fit_square
 from m2m_ray.data.tasks import task_columns
 from m2m_ray.formats.mis import CorruptShardError
 from m2m_ray.formats.mis_read import check_set_count, decode_latents, iter_sets

@@ -1,9 +1,11 @@
 """MIS stage 2: fan pending caption shards over SD generator actors into committed shards.
 
 Ray is a thin distributor here (img2dataset's lesson): the work unit is one caption shard of
-stage 1; a ``ShardWorker`` actor (one SD pipeline each, resources from ``generate.actors``) generates the whole
-shard, encodes images on a thread pool while the GPU denoises the next batch, writes the shard's files
-and commits them (``m2m_ray.formats.mis.ShardWriter``). The driver only lists pending shards and starts rounds:
+stage 1; a ``ShardWorker`` actor (one SD pipeline each, resources from ``generate.actors``)
+generates the whole shard, encodes images on a thread pool while the GPU denoises the next batch,
+and writes and commits the shard (``m2m_ray.mis.shards.write_shard``). The driver runs the
+building package's one shard builder (``m2m_ray.mis.shards.build_shards``: rounds over pending
+shards, exactly-once commit, manifest):
 
 - a shard whose stats file exists is committed and never redone;
 - an actor that dies mid-shard is restarted by Ray Data, which retries its task (the shard starts over
@@ -20,6 +22,7 @@ and commits them (``m2m_ray.formats.mis.ShardWriter``). The driver only lists pe
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import os
 import time
@@ -30,25 +33,22 @@ import ray
 
 from m2m_ray import storage
 from m2m_ray.config import config_to_dict
-from m2m_ray.formats.mis import MISLayout, ShardWriter, write_manifest
+from m2m_ray.formats.mis import MISLayout, ShardWriter
 from m2m_ray.mis.captions import load_shard_captions, read_captions_stats
 from m2m_ray.mis.config import BuildMISConfig
 from m2m_ray.mis.generate import SDSetGenerator, encoded_sets
-from m2m_ray.mis.resume import check_generate_resume, shard_problems
+from m2m_ray.mis.resume import check_generate_resume, check_image_settings, shard_problems
+from m2m_ray.mis.shards import build_shards, progress_uri, shard_row, write_shard
 from m2m_ray.progress import JobProgress
 from m2m_ray.runtime import actor_pool_args
 from m2m_ray.storage import save_config
 
 log = logging.getLogger(__name__)
 
-# Settings that change the images: a dataset must not mix shards made with different values.
-_IMAGE_SETTINGS = ("images_per_caption", "base_seed", "num_inference_steps", "scheduler",
-                   "guidance_scale", "height", "width", "image_format", "image_quality",
-                   "keep_latents")
-
 
 class ShardWorker:
-    """Ray Data callable class: ``{"shard_id": [...]}`` → one result row per shard."""
+    """Ray Data callable class: ``{"shard_id": [...]}`` → one result row per shard
+    (``m2m_ray.mis.shards.shard_row``)."""
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = BuildMISConfig.model_validate(cfg)
@@ -67,20 +67,16 @@ class ShardWorker:
         return {key: np.asarray([row[key] for row in rows]) for key in rows[0]}
 
     def generate_shard(self, sid: int) -> dict[str, Any]:
-        if self.layout.is_committed(sid):  # committed by an earlier round or a racing retry
-            return {"shard_id": sid, "status": "skipped", "sets": 0, "images": 0, "seconds": 0.0,
-                    "rejected": 0}
-        start = time.perf_counter()
-        rows = load_shard_captions(self.cfg.output_uri, sid, self.cfg.storage).to_pylist()
-        writer = ShardWriter(self.layout, sid, self.cfg.generate.formats)
-        timings: dict[str, float] = {}
-        rejected: list[dict[str, Any]] = []  # sets with non-finite output: counted, not stored
-        try:
+        def fill(writer: ShardWriter) -> dict[str, Any]:
+            start = time.perf_counter()
+            rows = load_shard_captions(self.cfg.output_uri, sid, self.cfg.storage).to_pylist()
+            timings: dict[str, float] = {}
+            rejected: list[dict[str, Any]] = []  # sets with non-finite output: counted, not stored
             for records in encoded_sets(self.generator, rows, self.image_pool, self.batch_pool,
                                         timings, lambda _: self._maybe_crash(sid), rejected):
                 writer.add(records)
             seconds = time.perf_counter() - start
-            writer.commit({
+            return {
                 "seconds": round(seconds, 3),
                 "generate_seconds": round(timings["generate_seconds"], 3),
                 "images_per_second": round(writer.num_images / max(seconds, 1e-9), 3),
@@ -88,12 +84,10 @@ class ShardWorker:
                 "host": os.uname().nodename, "device": str(self.generator.device),
                 "ray_node_id": ray.get_runtime_context().get_node_id(),
                 "captions_digest": self.captions_digest, "rejected_sets": rejected,
-            })
-        except BaseException:
-            writer.abort()
-            raise
-        return {"shard_id": sid, "status": "committed", "sets": writer.num_sets,
-                "images": writer.num_images, "seconds": seconds, "rejected": len(rejected)}
+            }
+
+        # None (skipped): committed by an earlier round or a racing retry
+        return shard_row(sid, write_shard(self.layout, sid, self.cfg.generate.formats, fill))
 
     def _maybe_crash(self, sid: int) -> None:
         """Fault injection for tests: die mid-shard (after a batch was generated, before the
@@ -108,29 +102,11 @@ class ShardWorker:
         os._exit(1)
 
 
-def _check_settings(layout: MISLayout, cfg: BuildMISConfig) -> None:
-    """Refuse to add shards made with other image settings to an existing dataset."""
-    if not storage.exists(layout.config, cfg.storage):
-        return
-    import json
-
-    saved = json.loads(storage.read_bytes(layout.config, cfg.storage))["config"]
-    saved_gen, gen = saved["generate"], config_to_dict(cfg.generate)
-    changed = {k: (saved_gen.get(k), gen[k]) for k in _IMAGE_SETTINGS if saved_gen.get(k) != gen[k]}
-    if saved["model"] != config_to_dict(cfg.model):
-        changed["model"] = (saved["model"], config_to_dict(cfg.model))
-    if changed:
-        detail = ", ".join(f"{k}: dataset has {a!r}, config has {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(
-            f"{cfg.output_uri} already holds MIS shards generated with other settings ({detail}). "
-            "Resume with the same settings, or write to a new output_uri.")
-
-
 def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
     """Generate every pending shard; returns the manifest plus this run's totals (``this_run``)
     and the final progress figures (``progress``, equal to the last ``mis/progress.json``).
 
-    Raises ``m2m_ray.mis.resume.ResumeMismatchError`` (before generating anything) when the
+    Raises ``m2m_ray.config.ResumeMismatchError`` (before generating anything) when the
     config's caption or image settings differ from those of the dataset there, and
     ``RuntimeError`` naming the shards still pending after ``max_shard_attempts`` rounds or the
     committed shards that disagree with stage 1 (``progress.json`` then ends with
@@ -140,10 +116,9 @@ def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
     layout = MISLayout(cfg.output_uri, cfg.storage)
     caption_stats = read_captions_stats(cfg.output_uri, cfg.storage)
     expected = sorted(int(sid) for sid in caption_stats["shards"])
-    _check_settings(layout, cfg)
+    check_image_settings(cfg, json.loads(storage.read_bytes(layout.config, cfg.storage))["config"]
+                         if storage.exists(layout.config, cfg.storage) else None)
     check_generate_resume(cfg, caption_stats, layout.committed_stats())
-    _sweep_partial_files(layout)
-    save_config(cfg, layout.config, cfg.storage)
     gen = cfg.generate
     if gen.actors.num_gpus > 0 and not ray.cluster_resources().get("GPU"):
         log.warning("generate.actors.num_gpus=%s but the cluster has no GPU yet: the actors wait for "
@@ -151,76 +126,47 @@ def run_generate_stage(cfg: BuildMISConfig) -> dict[str, Any]:
     start = time.perf_counter()
     rejected_now = 0
     progress = _start_progress(cfg, layout, caption_stats["shards"], expected)
-    for attempt in range(1, gen.max_shard_attempts + 1):
-        pending = [sid for sid in expected if not layout.is_committed(sid)]
-        if not pending:
-            break
-        log.info("round %d: %d of %d shards pending", attempt, len(pending), len(expected))
-        shards = ray.data.from_items([{"shard_id": sid} for sid in pending],
-                                     override_num_blocks=len(pending))
-        results = shards.map_batches(
+    save_config(cfg, layout.config, cfg.storage)
+
+    def run_round(shards: ray.data.Dataset, pending: int) -> ray.data.Dataset:
+        return shards.map_batches(
             ShardWorker,
             fn_constructor_kwargs={"cfg": config_to_dict(cfg)},
             batch_size=1,
             # 2 in flight: an actor starts its next shard the moment one commits
-            **actor_pool_args(gen.actors, "generate.actors", work_units=len(pending),
+            **actor_pool_args(gen.actors, "generate.actors", work_units=pending,
                               tasks_in_flight=2),
         )
-        try:
-            for row in results.iter_rows():
-                if row["status"] == "committed":
-                    progress.update(shards=1, sets=int(row["sets"]), images=int(row["images"]))
-                    rejected_now += int(row["rejected"])
-        except Exception as err:  # a round can fail as a whole; the next one retries what is left
-            log.error("round %d failed (%s: %s); pending shards are retried", attempt,
-                      type(err).__name__, err)
-            progress.failure(f"round {attempt}: {type(err).__name__}: {err}"[:500])
-    seconds = time.perf_counter() - start
-    committed = layout.committed_stats()
-    manifest = write_manifest(layout, expected, {
-        "rejected_captions": sum(caption_stats["rejected"].values()),
-        "kept_captions": caption_stats["kept"],
-        "rejected_sets": sum(len(s.get("rejected_sets", [])) for s in committed.values()),
-    })
-    problems = shard_problems(caption_stats, committed)
-    final = progress.finish("failed" if manifest["pending_shards"] or problems else "done")
-    if manifest["pending_shards"]:
-        raise RuntimeError(
-            f"{len(manifest['pending_shards'])} shards still pending after "
-            f"{gen.max_shard_attempts} rounds: {manifest['pending_shards'][:10]}; see the actor "
-            "logs (Ray dashboard) and rerun the same command to retry them")
-    if problems:
-        raise RuntimeError(
+
+    def on_commit(stats: dict[str, Any]) -> None:
+        nonlocal rejected_now
+        progress.update(shards=1, sets=stats["sets"], images=stats["images"])
+        rejected_now += len(stats["rejected_sets"])
+
+    def consistency(committed: dict[int, dict[str, Any]]) -> str | None:
+        problems = shard_problems(caption_stats, committed)
+        if not problems:
+            return None
+        return (
             f"MIS under {cfg.output_uri} disagrees with its captions in {len(problems)} ways: "
             f"{'; '.join(problems[:10])}. Check it with python -m m2m_ray.mis.verify "
             f"{cfg.output_uri}; remove the shards named (their mis/stats/<shard>.json first) and "
             "rerun to regenerate them")
+
+    manifest, final = build_shards(
+        layout, expected, lambda sid: {"shard_id": sid}, run_round, on_commit, progress,
+        gen.max_shard_attempts,
+        lambda committed: {
+            "rejected_captions": sum(caption_stats["rejected"].values()),
+            "kept_captions": caption_stats["kept"],
+            "rejected_sets": sum(len(s.get("rejected_sets", [])) for s in committed.values())},
+        consistency)
+    seconds = time.perf_counter() - start
     return {**manifest, "progress": final,
             "this_run": {**progress.this_run, "rejected_sets": rejected_now,
                          "seconds": round(seconds, 3),
                          "images_per_second": round(progress.this_run["images"]
                                                     / max(seconds, 1e-9), 3)}}
-
-
-def _sweep_partial_files(layout: MISLayout) -> None:
-    """Remove what a killed local write left under ``mis/``: ``storage.put_file``'s
-    ``<name>.partial`` copies and ``storage.write_bytes``' ``<name>.tmp-<hex>`` siblings (S3
-    writes are single PUTs and leave none). Run by the driver before any actor starts."""
-    if storage.is_remote(layout.root):
-        return
-    folders = [layout.mis] + [storage.join(layout.mis, f) for f in ("parquet", "webdataset",
-                                                                     "stats")]
-    for folder in folders:
-        for uri in storage.list_files(folder, layout.storage):
-            name = uri.rsplit("/", 1)[-1]
-            if name.endswith(".partial") or ".tmp-" in name:
-                log.info("removing %s, left by a killed write", uri)
-                storage.remove(uri, layout.storage)
-
-
-def progress_uri(layout: MISLayout) -> str:
-    """``mis/progress.json``, beside the manifest."""
-    return storage.join(layout.mis, "progress.json")
 
 
 def _start_progress(cfg: BuildMISConfig, layout: MISLayout, kept: dict[str, int],

@@ -177,7 +177,7 @@ def run_captions_stage(cfg: "BuildMISConfig") -> dict[str, Any]:
 
     Over committed MIS shards stage 1 is not rebuilt: with the same inputs and settings the
     existing stats are returned (``"kept_as_is": True``); with others it raises
-    ``m2m_ray.mis.resume.ResumeMismatchError`` naming what changed."""
+    ``m2m_ray.config.ResumeMismatchError`` naming what changed."""
     started = time.perf_counter()
     files = storage.expand_inputs(cfg.captions.inputs, cfg.storage)
     definition = captions_definition(cfg, files)

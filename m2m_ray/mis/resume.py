@@ -13,11 +13,15 @@ part of it.
 - Stage 1 with MIS shards committed: the same definition keeps stage 1 as it is (nothing is
   deleted or rewritten under the committed shards); another one is refused, naming what changed.
   Without committed shards stage 1 is simply redone.
-- Stage 2 refuses a config whose caption settings differ from stage 1's, and committed shards made
-  from another stage-1 output.
+- Stage 2 refuses a config whose caption settings differ from stage 1's, committed shards made
+  from another stage-1 output, and image settings (``IMAGE_SETTINGS``, the model) other than
+  those of the shards already generated (``mis/generate_config.json``).
 - ``shard_problems`` is the stats-level consistency of MIS against stage 1 (every kept caption in
   a committed set or a counted rejection, no shard stage 1 does not have); stage 2 runs it before
   it reports success, ``verify`` runs it too.
+
+Every refusal is the one ``m2m_ray.config.ResumeMismatchError`` (``refuse_resume``), naming each
+changed key, old → new, and the way out.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from m2m_ray import storage
-from m2m_ray.config import config_to_dict
+from m2m_ray.config import (
+    ResumeMismatchError,
+    config_to_dict,
+    refuse_resume,
+    setting_changes,
+)
 from m2m_ray.formats.ids import shard_name
 
 if TYPE_CHECKING:
@@ -36,10 +45,10 @@ if TYPE_CHECKING:
 
 # Caption settings that decide which caption is in which shard and split, and whether it is kept.
 SHARD_SETTINGS = ("lines_per_shard", "max_tokens", "dedup", "test_fraction")
-
-
-class ResumeMismatchError(ValueError):
-    """A rerun whose inputs or settings disagree with what the output already holds."""
+# Settings that change the images: a dataset must not mix shards made with different values.
+IMAGE_SETTINGS = ("images_per_caption", "base_seed", "num_inference_steps", "scheduler",
+                  "guidance_scale", "height", "width", "image_format", "image_quality",
+                  "keep_latents")
 
 
 def input_fingerprints(files: list[str], storage_cfg: "StorageConfig | None"
@@ -110,12 +119,11 @@ def check_captions_rerun(cfg: "BuildMISConfig", previous: dict[str, Any] | None,
             f"cannot be checked ({what}), so this run cannot tell whether its captions are the "
             f"ones the shards were made from. {_start_over(cfg.output_uri)} Or run only "
             "--stages='[generate]' to resume with the captions that are there.")
-    changes = definition_changes(previous["definition"], definition)
-    if changes:
-        raise ResumeMismatchError(
-            f"{cfg.output_uri} holds {committed_shards} committed MIS shards generated from "
-            f"captions made with other inputs or settings: {'; '.join(changes)}. Rebuilding "
-            f"stage 1 would change the shards under them. {_start_over(cfg.output_uri)}")
+    refuse_resume(f"{cfg.output_uri} holds {committed_shards} committed MIS shards generated "
+                  "from captions made with other inputs or settings; rebuilding stage 1 would "
+                  "change the shards under them",
+                  definition_changes(previous["definition"], definition),
+                  _start_over(cfg.output_uri))
     return True
 
 
@@ -125,23 +133,39 @@ def check_generate_resume(cfg: "BuildMISConfig", caption_stats: dict[str, Any],
     committed shards generated from another stage-1 output (``ResumeMismatchError``)."""
     definition = caption_stats.get("definition")
     if definition is not None:
-        changed = [f"captions.{key}: stage 1 ran with {definition['settings'][key]!r}, this "
-                   f"config has {getattr(cfg.captions, key)!r}" for key in SHARD_SETTINGS
-                   if definition["settings"][key] != getattr(cfg.captions, key)]
-        if changed:
-            raise ResumeMismatchError(
-                f"the captions under {cfg.output_uri} were made with other settings than this "
-                f"config's ({'; '.join(changed)}). Run with the settings stage 1 used, or run "
-                f"stage captions with the new ones (it refuses while MIS shards are committed). "
-                f"{_start_over(cfg.output_uri)}")
+        refuse_resume(
+            f"the captions under {cfg.output_uri} were made with other settings than this "
+            "config's",
+            [f"captions.{key}: stage 1 ran with {definition['settings'][key]!r} → this config "
+             f"has {getattr(cfg.captions, key)!r}" for key in SHARD_SETTINGS
+             if definition["settings"][key] != getattr(cfg.captions, key)],
+            "Run with the settings stage 1 used, or run stage captions with the new ones (it "
+            f"refuses while MIS shards are committed). {_start_over(cfg.output_uri)}")
     digest = caption_stats.get("captions_digest")
     stale = sorted(sid for sid, stats in committed.items()
                    if stats.get("captions_digest", digest) != digest)
     if stale:
-        raise ResumeMismatchError(
+        refuse_resume(
             f"{len(stale)} committed MIS shards under {cfg.output_uri} (e.g. "
             f"{[shard_name(s) for s in stale[:5]]}) were generated from another stage-1 output "
-            f"than the captions there now (captions_digest differs). {_start_over(cfg.output_uri)}")
+            "than the captions there now",
+            [f"captions_digest: {committed[stale[0]].get('captions_digest')!r} → {digest!r}"],
+            _start_over(cfg.output_uri))
+
+
+def check_image_settings(cfg: "BuildMISConfig", saved: dict[str, Any] | None) -> None:
+    """Stage 2: refuse to add shards made with other image settings (``IMAGE_SETTINGS`` of
+    ``generate``, every ``model`` key) to those of ``saved`` (the ``config`` payload of
+    ``mis/generate_config.json``, None for a new dataset). Raises ``ResumeMismatchError``."""
+    if saved is None:
+        return
+    changes = setting_changes(saved["generate"], config_to_dict(cfg.generate), IMAGE_SETTINGS,
+                              prefix="generate.")
+    changes += setting_changes(saved["model"], config_to_dict(cfg.model), prefix="model.")
+    refuse_resume(f"{cfg.output_uri} already holds MIS shards generated with other settings",
+                  changes,
+                  "Resume with the same settings, or write to a new output_uri, or remove "
+                  f"{storage.join(cfg.output_uri, 'mis')} (every generated shard) and rerun.")
 
 
 def shard_problems(caption_stats: dict[str, Any], committed: dict[int, dict[str, Any]]

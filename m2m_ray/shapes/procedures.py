@@ -15,7 +15,7 @@ context images and the step from the position condition.
 
 ``write_vgsi_layout`` writes procedures in the exact layout of the VGSI dataset (Yang et al.,
 2021) — ``WikihowText_data.json`` (JSON lines, one article per line) and ``wiki_images/
-<step_id>.png`` — so ``m2m_ray.data.tasks.vgsi.iter_vgsi_sets`` reads them like the real thing:
+<step_id>.png`` — so ``m2m_ray.mis.tasks.vgsi.iter_vgsi_sets`` reads them like the real thing:
 goal "How to Stack Red Squares", methods "Method 1", "Method 2"..., headlines "Place the first
 square." ...; ``img`` is a ``shapes://procedure/...`` URI naming the render (the real dataset's
 is the image's wikiHow URL; neither is used to find the file).
@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from m2m_ray import storage as st
-from m2m_ray.data.tasks.vgsi import IMAGE_SUFFIX, IMAGES_DIR, JSON_NAME
+from m2m_ray.mis.tasks.vgsi import IMAGE_SUFFIX, IMAGES_DIR, JSON_NAME
 from m2m_ray.shapes.world import (
     HUE_JITTER,
     HUES,

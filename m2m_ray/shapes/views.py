@@ -15,7 +15,7 @@ poses carry (the world is the box's frame, as an Objaverse object's own frame is
 **Convention** — Blender's, as Zero123 saves it: world +Z up; azimuth ``atan2(y, x)`` of the camera
 position; the camera looks down its −Z at the origin, +Y up in the image, +X right;
 ``[R|T]`` world-to-camera with ``x_cam = R · x_world + T``, ``R = [x y z]ᵀ`` of the camera's axes in
-world coordinates, ``T = −R · position`` (``m2m_ray.data.tasks.objaverse``).
+world coordinates, ``T = −R · position`` (``m2m_ray.mis.tasks.objaverse``).
 
 **Rendering** (``render_rgba``): one ray per sub-pixel through the box (slab test), 4 × 4
 supersampled, flat per-face shading from a fixed light; RGBA with straight alpha and a transparent
@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image
 
 from m2m_ray import storage
-from m2m_ray.data.tasks.objaverse import VALID_PATHS, composite_on_white
+from m2m_ray.mis.tasks.objaverse import VALID_PATHS, composite_on_white
 
 if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig

@@ -25,10 +25,11 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from m2m_ray.config import refuse_resume, setting_changes
 from m2m_ray.models.m2m_unet import WEIGHTS_NAME, M2MUNet
 from m2m_ray.storage import save_config
 from m2m_ray.train.config import OptimConfig, TrainConfig
-from m2m_ray.train.state import STATE_NAME, TrainerState
+from m2m_ray.train.state import STATE_NAME, TrainerState, run_dir
 from m2m_ray.train.step import EMA, LRSchedule
 
 
@@ -99,8 +100,9 @@ FIXED_ON_RESUME = ("model", "m2m", "seed", "data.uri", "data.format", "data.spli
 
 def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
     """``"key: old → new"`` for every setting of ``cfg`` that differs from ``saved`` (the
-    checkpoint's ``train_config.json`` payload ``config``). Raises ``ValueError`` naming the
-    settings of ``FIXED_ON_RESUME`` that changed and how to start a new run instead."""
+    checkpoint's ``train_config.json`` payload ``config``). Raises
+    ``m2m_ray.config.ResumeMismatchError`` naming the settings of ``FIXED_ON_RESUME`` that
+    changed (old → new) and how to start a new run instead."""
     new = _flat(cfg.model_dump(mode="json"))
     old = _flat(saved)
     # A setting added to the schema after the checkpoint was written is read at its default, as
@@ -115,12 +117,12 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
     changed = [key for key in changed if key not in ("num_epochs",)]
     fixed = [key for key in changed if any(key == f or key.startswith(f + ".")
                                            for f in FIXED_ON_RESUME)]
-    if fixed:
-        detail = "; ".join(f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in fixed)
-        raise ValueError(f"run {cfg.run_name!r} resumes from a checkpoint trained with other "
-                         f"settings that cannot change mid-run ({detail}). Start a new run "
-                         "(another --run_name), or fine-tune from its export with --init_from")
-    return [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in changed]
+    refuse_resume(f"run {cfg.run_name!r} resumes from a checkpoint trained with other settings "
+                  "that cannot change mid-run", setting_changes(old, new, fixed),
+                  "Start a new run (another --run_name), or remove the run folder "
+                  f"{run_dir(cfg)} (its checkpoints) to start this one over, or fine-tune from "
+                  "its export with --init_from.")
+    return setting_changes(old, new, changed)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

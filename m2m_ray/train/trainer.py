@@ -142,7 +142,8 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
 def check_resume(cfg: TrainConfig) -> list[str]:
     """When the run already has a checkpoint: the settings that differ from the ones it was
     trained with, printed (the workers apply them: ``checkpoint.apply_optim_settings``); raises
-    ``ValueError`` for settings that cannot change mid-run (``checkpoint.resume_changes``)."""
+    ``m2m_ray.config.ResumeMismatchError`` for settings that cannot change mid-run
+    (``checkpoint.resume_changes``)."""
     checkpoint = latest_checkpoint(cfg)
     if checkpoint is None:
         return []

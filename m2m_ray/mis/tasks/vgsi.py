@@ -73,7 +73,9 @@ import numpy as np
 from PIL import Image
 
 from m2m_ray import storage as st
-from m2m_ray.data.tasks import OnBad, TaskDataError, TaskReadReport, TaskSet
+from m2m_ray.formats.images import to_rgb
+from m2m_ray.formats.tasks import TaskDataError
+from m2m_ray.mis.tasks import OnBad, TaskReadReport, TaskSet
 
 if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig
@@ -138,13 +140,9 @@ def _parse_article(text: str) -> dict[str, Any]:
 
 def rgb_png(data: bytes, name: str) -> bytes:
     """Decode ``data`` fully; an RGB PNG comes back as is, anything else as a re-encoded RGB PNG
-    (``m2m_ray.data.image_inputs.to_rgb``: alpha over white, EXIF orientation applied).
+    (``m2m_ray.formats.images.to_rgb``: alpha over white, EXIF orientation applied).
 
     Raises ``TaskDataError`` naming ``name`` when the bytes do not decode."""
-    from m2m_ray.data.image_inputs import (
-        to_rgb,  # imports torch: only once images are read
-    )
-
     try:
         image = Image.open(io.BytesIO(data))
         image.load()

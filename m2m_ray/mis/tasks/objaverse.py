@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image
 
 from m2m_ray import storage
-from m2m_ray.data.tasks import OnBad, TaskDataError, TaskReadReport, TaskSet
+from m2m_ray.formats.tasks import TaskDataError
+from m2m_ray.mis.tasks import OnBad, TaskReadReport, TaskSet
 
 if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig

@@ -1,10 +1,6 @@
-"""Task datasets for fine-tuning (paper §6.2, §8.5): image sets whose images each carry a task
-condition — a camera for novel-view synthesis (Objaverse, ``objaverse.py``), a position in a
-procedure for visual procedure generation (VGSI / wikiHow, ``vgsi.py``).
-
-A reader yields ``TaskSet`` objects; ``build.py`` writes them as training shards (the MIS shard
-layout of ``m2m_ray.formats.mis`` plus a per-set ``task`` column) with Ray Data, and training and
-sampling turn the raw conditions into the model's inputs:
+"""Task conditions for training and sampling (paper §6.2, §8.5): the raw per-image conditions of
+a task dataset's ``task`` column (``m2m_ray.formats.tasks``; written by ``m2m_ray.mis.tasks``) or
+of a user's file, turned into the model's inputs:
 
 - **camera**: the dataset's world-to-camera extrinsics ``[R|T]`` (3 × 4) of each image, stored as
   the dataset gives them. The model sees them *relative to the first image of the sequence it is
@@ -14,76 +10,16 @@ sampling turn the raw conditions into the model's inputs:
 - **position**: the 0-based index of each image's step in its procedure, as the dataset orders the
   steps (a step whose image is missing keeps the steps after it at their own index).
 
-Bad entries are an error naming the file (``on_bad="error"``) or a counted skip (``"skip"``) in a
-``TaskReadReport``, never a silent change.
+Missing or misshapen conditions are an error naming the set or file, never a silent change.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-OnBad = Literal["error", "skip"]
-
-
-class TaskDataError(ValueError):
-    """A task dataset entry that cannot be read; the message names the file and what is wrong."""
-
-
-@dataclass
-class TaskSet:
-    """One set of a task dataset.
-
-    ``images``: encoded RGB images (PNG or JPEG bytes, alpha already composited), in the set's
-    order; ``camera``: float64 ``[N, 3, 4]`` world-to-camera extrinsics or None; ``position``:
-    int64 ``[N]`` step indices or None; ``caption``: text (VGSI: goal and method) or None;
-    ``source``: where it came from (paths, ids), kept in the shard's metadata."""
-
-    set_id: str
-    images: list[bytes]
-    image_ext: str
-    caption: str | None = None
-    camera: np.ndarray | None = None
-    position: np.ndarray | None = None
-    source: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n = len(self.images)
-        if self.camera is not None and tuple(np.shape(self.camera)) != (n, 3, 4):
-            raise ValueError(f"set {self.set_id}: camera of shape {np.shape(self.camera)} for "
-                             f"{n} images; expected [{n}, 3, 4]")
-        if self.position is not None and tuple(np.shape(self.position)) != (n,):
-            raise ValueError(f"set {self.set_id}: position of shape {np.shape(self.position)} "
-                             f"for {n} images; expected [{n}]")
-
-    def task(self) -> dict[str, list]:
-        """The raw conditions as JSON-ready lists (the shards' ``task`` column)."""
-        out: dict[str, list] = {}
-        if self.camera is not None:
-            out["camera"] = np.asarray(self.camera, dtype=np.float64).tolist()
-        if self.position is not None:
-            out["position"] = np.asarray(self.position, dtype=np.int64).tolist()
-        return out
-
-
-@dataclass
-class TaskReadReport:
-    """What a reader skipped (``on_bad="skip"``) and why: counts by reason and a few examples."""
-
-    sets: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-
-    def skip(self, reason: str, detail: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.examples) < 20:
-            self.examples.append(detail)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"sets": self.sets, "skipped": dict(self.skipped), "examples": self.examples}
+from m2m_ray.formats.tasks import TASK_KINDS, TaskDataError, condition_shape
 
 
 def relative_cameras(w2c: np.ndarray) -> np.ndarray:
@@ -120,7 +56,7 @@ def task_columns(task: dict[str, Any] | None, kinds: tuple[str, ...], indices: n
     out = {}
     for kind in kinds:
         values = None if task is None else task.get(kind)
-        expected = (total, 3, 4) if kind == "camera" else (total,)
+        expected = condition_shape(kind, total)
         array = None if values is None else np.asarray(values, dtype=np.float64)
         if array is None or array.shape != expected or not np.isfinite(array).all():
             raise CorruptShardError(
@@ -143,7 +79,7 @@ def sequence_conditions(task: dict[str, Any] | None, kinds: list[str], count: in
     for kind in kinds:
         values = None if task is None else task.get(kind)
         array = None if values is None else np.asarray(values, dtype=np.float64)
-        tail = (3, 4) if kind == "camera" else ()
+        tail = condition_shape(kind, count)[1:]
         if array is None or array.shape[1:] != tail or len(array) < count:
             raise TaskDataError(
                 f"{where}: the model takes a {kind} condition per image; {count} are needed (the "
@@ -168,8 +104,8 @@ def decode_task_file(uri: str, storage_cfg: Any = None) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise TaskDataError(f"cannot read task conditions {uri}: {type(err).__name__}: {err}"
                             ) from err
-    if not isinstance(task, dict) or not set(task) & {"camera", "position"} or set(task) - {
-            "camera", "position"}:
+    if not isinstance(task, dict) or not set(task) & set(TASK_KINDS) or set(task) - set(
+            TASK_KINDS):
         raise TaskDataError(f"task conditions {uri}: expected a JSON object with camera and/or "
                             f"position, got {type(task).__name__} "
                             f"{sorted(task) if isinstance(task, dict) else ''}")
