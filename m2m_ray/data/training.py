@@ -284,7 +284,7 @@ def _sample_row(sample: dict[str, Any], stream: SetStream, epoch: int, uri: str)
     if stream.task_kinds:
         if sample["task"] is None:
             raise CorruptShardError(f"{where} has no task conditions: it is a MIS set, not a task "
-                                    "dataset's (m2m_ray.data.tasks.build writes those); train "
+                                    "dataset's (m2m_ray.mis.tasks.build writes those); train "
                                     "with m2m.task_conditions only on a task dataset")
         row.update(task_columns(sample["task"], stream.task_kinds,
                                 indices, total, where, stream.camera_frame))
