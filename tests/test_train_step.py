@@ -357,7 +357,7 @@ def test_checkpoint_round_trip_continues_exactly_and_exports(mis, tmp_path):
     _train(*first, steps=2)
     state = TrainerState(step=2, epoch=1, world_size=1, positions=[(3, 1)])
     spec = SampleConfig(num_images=2, num_inference_steps=2, guidance_scale=3.0)
-    grid = sample_grid(first[3].model, load_vae(TINY), None, _batch().latents, 2, spec, 0)
+    grid = sample_grid(first[3].model, load_vae(TINY), None, _batch().latents, 2, spec)
     assert Image.open(io.BytesIO(grid)).size == (4 * 64, 2 * 64)
     save_checkpoint(tmp_path / "ckpt", first[0], first[3], first[1], first[2], state, cfg,
                     [rng_state()], grid)
