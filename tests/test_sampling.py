@@ -247,7 +247,7 @@ def test_non_finite_sets_are_never_returned_as_images(pipes, monkeypatch):
                    for a, b in zip(skipped[i], clean[i]))
 
 
-# --- the sampling contract: seed, dtype, scheduler; callbacks --------------------------------------
+# --- the sampling contract: seed, dtype, scheduler; callbacks -----------------------------------
 
 
 def _same_images(a, b) -> bool:

@@ -2,9 +2,11 @@
 
     pipe = M2MPipeline.from_pretrained("outputs/model", device="cuda", dtype=torch.float16)
     new_images = pipe(images, num_images=4, guidance_scale=3.0, context_window=8,
-                      num_inference_steps=50, generator=torch.Generator().manual_seed(0))
-    spec = SampleConfig(num_images=4, guidance_scale=3.0)          # the one sampling spec
-    many = pipe.generate([set_a, set_b, set_c], spec, generator=[g_a, g_b, g_c])
+                      num_inference_steps=50, seed=0, dtype="float16")
+    spec = SampleConfig(num_images=4, guidance_scale=3.0, seed=0)   # the one sampling spec
+    many = pipe.generate([set_a, set_b, set_c], spec, set_ids=["a", "b", "c"])
+    first_two = pipe(images, callback=lambda e: STOP if isinstance(e, ImageEvent) and e.image == 1
+                     else None)                                # m2m_ray.sampling.callbacks
     pipe.save_pretrained("outputs/model_copy")
     pipe = M2MPipeline.from_preset(ModelConfig(preset="tiny"), M2MConfig(variant="self"))  # fresh
 
@@ -13,11 +15,14 @@ Folder layout (``save_pretrained`` writes it; the training export writes the sam
     <path>/model_index.json   {"_class_name": "M2MPipeline", "variant": "self"|"dino", "preset": ...}
     <path>/unet/              M2MUNet (config.json + diffusion_pytorch_model.safetensors)
     <path>/vae/               diffusers AutoencoderKL
-    <path>/scheduler/         scheduler_config.json (DDIMScheduler by default)
+    <path>/scheduler/         scheduler_config.json (DDIMScheduler by default): the model's own
+                              scheduler, used unless a spec names another
     <path>/dino/              transformers Dinov2Model (dino variant only)
 
 Input images may have any size and mode (``m2m_ray.data.image_inputs``: RGB, shorter side resized
-to the preset's resolution, centre crop); outputs are RGB PIL images of that resolution. The
+to the spec's resolution, default the preset's; centre crop); outputs are RGB PIL images of that
+resolution. Every ``SampleConfig`` field is honoured (``generate``'s docstring); the weights' dtype
+is checked against the spec's ``dtype``, never cast. The
 sampling itself is ``m2m_ray.sampling.sampler.sample``. ``from_pretrained`` also takes an
 ``s3://`` folder (copied once to ``$M2M_RAY_CACHE`` or ``~/.cache/m2m_ray/pipelines``).
 """
@@ -218,7 +223,8 @@ class M2MPipeline:
             raise ValueError("set_id and generator both given: the generator decides the noise "
                              "alone; pass one of them")
         out = self.generate([images], spec, None if generator is None else [generator],
-                            set_ids=None if generator is not None else [set_id or DEFAULT_SET_ID],
+                            set_ids=None if generator is not None else [
+                                DEFAULT_SET_ID if set_id is None else set_id],
                             context_task=context_task, target_task=target_task,
                             output_type=output_type, callback=callback)
         return out[0]
@@ -287,11 +293,12 @@ class M2MPipeline:
                          context_task=context_task, target_task=target_task,
                          callback=None if callback is None else self._forward(
                              callback, indices, set_ids))
-            if out.pixels is not None or not out.latents.shape[1]:
-                pixels = out.pixels if out.pixels is not None else torch.zeros(
-                    len(indices), 0, 3, *context.shape[-2:])
-            else:
+            if out.pixels is not None:  # decoded in the loop (dino)
+                pixels = out.pixels  # (S, M', 3, R, R)
+            elif out.latents.shape[1]:
                 pixels = self.codec.decode(out.latents)  # (S, M', 3, R, R)
+            else:  # stopped before the first image
+                pixels = torch.zeros(len(indices), 0, 3, *context.shape[-2:])
             finite = out.finite & finite_sets(pixels).cpu()  # (S,)
             for row, i in enumerate(indices):
                 results[i] = pixels[row].cpu() if finite[row] else None  # (M', 3, R, R)

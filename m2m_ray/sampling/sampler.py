@@ -54,7 +54,7 @@ class SampleOutput:
 
 
 def set_seed(set_id: str, base_seed: int) -> int:
-    """The noise seed of a set: a 63-bit hash of its id and the base seed (``SampleConfig.seed``)."""
+    """The noise seed of a set: a 63-bit hash of its id and the base seed (SampleConfig.seed)."""
     digest = hashlib.blake2b(f"{base_seed}:{set_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 

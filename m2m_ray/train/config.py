@@ -12,7 +12,7 @@ from m2m_ray.data.config import TrainDataConfig
 from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.sampling.config import SampleConfig
 
-MODEL_SCHEDULER = "ddim"  # a trained model's own scheduler (paper): export saves it, previews use it
+MODEL_SCHEDULER = "ddim"  # a trained model's own scheduler (paper): export saves it, previews too
 # A preview autocasts to its spec's dtype on a GPU: bf16 by default, as training (precision auto).
 PreviewSample = with_defaults(SampleConfig, num_images=2, dtype="bfloat16")
 
