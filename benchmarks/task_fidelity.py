@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             generated = pipe([*context], M, generator=torch.Generator().manual_seed(
                 args.seed * 1000 + s), context_task=task.select(slice(0, K)),
                 target_task=task.select(slice(K, K + M)), **spec.model_dump(
-                    exclude={"num_images", "seed"}))  # the generator decides the noise
+                    exclude={"num_images"}))
             outputs[mode] = generated
             got[mode] += [read(args.task, np.asarray(im)) for im in generated]
         want += [requested(args.task, stored_set["task"], int(i)) for i in indices[K:]]

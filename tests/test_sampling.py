@@ -279,6 +279,9 @@ def test_seed_decides_the_noise_through_set_ids(pipes):
                                                set_generators(["1"], 3))[0])
     with pytest.raises(ValueError, match=r"SampleConfig\.seed=3 and generator"):
         pipe(photos, seed=3, generator=torch.Generator(), **kwargs)
+    dumped = SampleConfig(**SampleConfig(**kwargs).model_dump())  # every field set, seed 0
+    assert _same_images(pipe.generate([photos], dumped, [torch.Generator().manual_seed(1)])[0],
+                        pipe(photos, generator=torch.Generator().manual_seed(1), **kwargs))
     with pytest.raises(ValueError, match="set_ids and generator"):
         pipe.generate([photos], SampleConfig(**kwargs), [torch.Generator()], set_ids=["a"])
     with pytest.raises(ValueError, match="1 set ids for 2 sets"):

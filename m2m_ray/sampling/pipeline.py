@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
 INDEX_NAME = "model_index.json"
 DEFAULT_SET_ID = "input"  # __call__'s set: the id the generate job gives its inputs.images set
+SEED_WITH_GENERATORS = SampleConfig.model_fields["seed"].default  # the one seed generators allow
 OutputType = Literal["pil", "pt"]
 
 
@@ -245,10 +246,10 @@ class M2MPipeline:
         outputs (None: the preset's), ``vae_batch_size``, ``dtype`` (it must be the weights',
         ``check_dtype``) and ``seed``: set i's noise comes from ``set_generators([set_ids[i]],
         spec.seed)`` — ``set_ids`` None means ``"0"``, ``"1"``, … by position — or, instead,
-        from ``generator`` (one per set; then ``spec.seed`` must not be set). Sets with different
-        numbers of images run as separate batches; task conditions ``[S, K]`` / ``[S, M]`` need
-        sets of equal K. Returns S lists of PIL images, or for ``output_type="pt"`` a tensor
-        ``[S, M, 3, R, R]``.
+        from ``generator`` (one per set; ``spec.seed`` must then be its default 0, since it would
+        be ignored). Sets with different numbers of images run as separate batches; task
+        conditions ``[S, K]`` / ``[S, M]`` need sets of equal K. Returns S lists of PIL images,
+        or for ``output_type="pt"`` a tensor ``[S, M, 3, R, R]``.
 
         ``callback`` (``m2m_ray.sampling.callbacks``): a ``StepEvent`` after every denoising step
         and an ``ImageEvent`` (with decoded ``pixels`` and PIL ``images``) after every image of
@@ -261,7 +262,7 @@ class M2MPipeline:
         ``"skip"`` (PIL output only) returns None in their place.
 
         Raises ``ValueError`` for a generator or set id count other than S, generators together
-        with set ids or an explicitly set ``spec.seed``, a ``spec.dtype`` the weights do not have,
+        with set ids or a ``spec.seed`` other than 0, a ``spec.dtype`` the weights do not have,
         task conditions with sets of different sizes, or a callback with ``output_type="pt"`` and
         sets of different sizes (a stop could leave them with different counts)."""
         if on_non_finite == "skip" and output_type == "pt":
@@ -329,10 +330,10 @@ class M2MPipeline:
         if set_ids is not None:
             raise ValueError("set_ids and generator both given: the generators decide the noise "
                              "alone; pass one of them")
-        if "seed" in spec.model_fields_set:
+        if spec.seed != SEED_WITH_GENERATORS:  # by value: SampleConfig(**dump) sets every field
             raise ValueError(f"SampleConfig.seed={spec.seed} and generator both given: the "
-                             "generators decide the noise alone; leave seed out, or pass set_ids "
-                             "instead of generators")
+                             "generators decide the noise alone; leave seed at its default "
+                             f"{SEED_WITH_GENERATORS}, or pass set_ids instead of generators")
         if len(generator) != count:
             raise ValueError(f"{len(generator)} generators for {count} sets: give one "
                              "torch.Generator per set (that makes each set reproducible alone)")
