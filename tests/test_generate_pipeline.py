@@ -108,6 +108,28 @@ def test_generate_on_a_folder_of_real_photos(tmp_path, model_dir):
     assert "GenerateJobConfig" in (out / "generate_config.json").read_text()
 
 
+def test_the_pipeline_with_a_seed_gives_the_generate_jobs_images(tmp_path, model_dir):
+    """One sampling contract: ``pipe(images, seed=3)`` (set id ``input``) is the generate job's
+    ``inputs.images`` set with ``sample.seed=3`` — same noise derivation, same bits; the model's
+    saved scheduler is used (and recorded) when the spec names none."""
+    names = PHOTOS[:3]
+    folder = _photo_folder(tmp_path / "photos", names)
+    out = tmp_path / "out"
+    generate.main([f"--inputs.images=[{folder}]", f"--output_uri={out}",
+                   f"--model_path={model_dir}", "--engine=local", "--sample.seed=3",
+                   "--sample.scheduler=null", "--contact_sheet_sets=0", *FAST])
+    [record] = gen.read_generations(str(out))
+    assert record.meta["scheduler"] == "ddim" and record.meta["base_seed"] == 3
+    job = [gen.load_image(gen.image_uri(str(out), p)) for p in record.generated]
+    pipe = M2MPipeline.from_pretrained(model_dir)
+    photos = [Image.open(folder / name) for name in sorted(names)]
+    kwargs = dict(num_images=2, num_inference_steps=2)
+    first, again = pipe(photos, seed=3, **kwargs), pipe(photos, seed=3, **kwargs)
+    for images in (first, again):
+        assert [im.tobytes() for im in images] == [im.tobytes() for im in job]
+    assert [im.tobytes() for im in pipe(photos, seed=4, **kwargs)] != [im.tobytes() for im in job]
+
+
 def test_bad_inputs_are_named(tmp_path):
     folder = _photo_folder(tmp_path / "photos", ["coffee.png"])
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")

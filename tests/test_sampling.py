@@ -51,7 +51,8 @@ def _context(pipe: M2MPipeline, count: int, seed: int = 0) -> torch.Tensor:
 
 def _sample(pipe, context, num_images=2, seed=0, **kwargs):
     gens = [torch.Generator().manual_seed(seed + b) for b in range(context.shape[0])]
-    tasks = {key: kwargs.pop(key) for key in ("context_task", "target_task") if key in kwargs}
+    tasks = {key: kwargs.pop(key) for key in ("context_task", "target_task", "callback")
+             if key in kwargs}
     spec = SampleConfig(**{"num_images": num_images, "num_inference_steps": STEPS,
                            "context_window": 8, **kwargs})
     return sample(pipe.unet, pipe.scheduler, pipe.codec, context, gens, spec, **tasks)
@@ -244,3 +245,171 @@ def test_non_finite_sets_are_never_returned_as_images(pipes, monkeypatch):
     for i in (0, 2):
         assert all(np.array_equal(np.asarray(a), np.asarray(b))
                    for a, b in zip(skipped[i], clean[i]))
+
+
+# --- the sampling contract: seed, dtype, scheduler; callbacks -----------------------------------
+
+
+def _same_images(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                    for x, y in zip(a, b))
+
+
+def test_seed_decides_the_noise_through_set_ids(pipes):
+    """A user's seed is never dropped: ``pipe(images, seed=3)`` is reproducible, is the set
+    ``"input"`` of ``generate`` (the generate job's id for ``inputs.images``), and a generator
+    together with an explicit seed is refused."""
+    from m2m_ray.sampling.pipeline import DEFAULT_SET_ID
+    from m2m_ray.sampling.sampler import set_generators, set_seed
+
+    pipe, photos = pipes["self"], _photos(2)
+    kwargs = dict(num_images=2, num_inference_steps=STEPS)
+    first = pipe(photos, seed=3, **kwargs)
+    assert _same_images(first, pipe(photos, seed=3, **kwargs))
+    assert not _same_images(first, pipe(photos, seed=4, **kwargs))
+    spec = SampleConfig(seed=3, **kwargs)
+    assert DEFAULT_SET_ID == "input"
+    assert _same_images(first, pipe.generate([photos], spec, set_ids=["input"])[0])
+    assert _same_images(first, pipe(photos, generator=torch.Generator().manual_seed(
+        set_seed("input", 3)), **kwargs))
+    # generate's default ids are the positions; a set's images do not depend on its batch
+    both = pipe.generate([_photos(1, 5), photos], spec)
+    assert _same_images(both[1], pipe.generate([photos], spec, set_ids=["1"])[0])
+    assert _same_images(both[1], pipe.generate([photos], SampleConfig(**kwargs),
+                                               set_generators(["1"], 3))[0])
+    with pytest.raises(ValueError, match=r"SampleConfig\.seed=3 and generator"):
+        pipe(photos, seed=3, generator=torch.Generator(), **kwargs)
+    dumped = SampleConfig(**SampleConfig(**kwargs).model_dump())  # every field set, seed 0
+    assert _same_images(pipe.generate([photos], dumped, [torch.Generator().manual_seed(1)])[0],
+                        pipe(photos, generator=torch.Generator().manual_seed(1), **kwargs))
+    with pytest.raises(ValueError, match="set_ids and generator"):
+        pipe.generate([photos], SampleConfig(**kwargs), [torch.Generator()], set_ids=["a"])
+    with pytest.raises(ValueError, match="1 set ids for 2 sets"):
+        pipe.generate([photos, photos], spec, set_ids=["a"])
+
+
+def test_dtype_is_the_weights_or_refused_by_name():
+    """The CPU samples in float32 whatever ``dtype`` says (``runtime.torch_dtype``); weights in
+    another dtype than the spec's are refused naming ``dtype``, never cast or ignored."""
+    pipe = M2MPipeline.from_preset(TINY, M2MConfig(variant="self"))
+    kwargs = dict(num_images=1, num_inference_steps=1, output_type="pt")
+    torch.testing.assert_close(pipe([], dtype="float16", **kwargs),
+                               pipe([], dtype="float32", **kwargs), atol=0, rtol=0)
+    half = M2MPipeline.from_preset(TINY, M2MConfig(variant="self"), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"SampleConfig\.dtype is 'float16' \(float32 on cpu\) "
+                       r"but this pipeline's weights are bfloat16"):
+        half([], **kwargs)
+
+
+def test_the_saved_scheduler_is_used_unless_the_spec_names_another(tmp_path):
+    import diffusers
+
+    from m2m_ray.sampling.sampler import sample
+
+    M2MPipeline.from_preset(TINY, M2MConfig(variant="self"), scheduler="euler").save_pretrained(
+        tmp_path / "model")
+    pipe = M2MPipeline.from_pretrained(tmp_path / "model")
+    assert isinstance(pipe.scheduler, diffusers.EulerDiscreteScheduler)
+    assert SampleConfig().scheduler is None
+    kwargs = dict(num_images=1, num_inference_steps=STEPS, output_type="pt")
+    own = pipe(_photos(1), **kwargs)
+    ddim = pipe(_photos(1), scheduler="ddim", **kwargs)
+    assert not torch.equal(own, ddim)
+    torch.testing.assert_close(pipe(_photos(1), scheduler="euler", **kwargs), own, atol=0, rtol=0)
+    assert isinstance(pipe.scheduler, diffusers.EulerDiscreteScheduler)  # never swapped
+    torch.testing.assert_close(pipe(_photos(1), **kwargs), own, atol=0, rtol=0)
+    # the sampler refuses a scheduler object of another kind than the spec names
+    with pytest.raises(ValueError, match=r"SampleConfig\.scheduler is 'ddim' .* EulerDiscrete"):
+        sample(pipe.unet, pipe.scheduler, pipe.codec, _context(pipe, 1), [torch.Generator()],
+               SampleConfig(num_images=1, num_inference_steps=1, scheduler="ddim"))
+
+
+@pytest.mark.parametrize("variant", ["self", "dino"])
+def test_the_callback_sees_every_step_and_image_in_order(pipes, variant):
+    from m2m_ray.sampling.callbacks import ImageEvent, StepEvent
+
+    pipe, events = pipes[variant], []
+    out = _sample(pipe, _context(pipe, 2).expand(2, -1, -1, -1, -1), num_images=3,
+                  callback=events.append)
+    steps = [(e.image, e.step) for e in events if isinstance(e, StepEvent)]
+    assert steps == [(k, s) for k in range(3) for s in range(STEPS)]  # M × steps, in order
+    assert [(type(e).__name__, e.image) for e in events if not isinstance(e, StepEvent)] == [
+        ("ImageEvent", 0), ("ImageEvent", 1), ("ImageEvent", 2)]
+    kinds = ["step" if isinstance(e, StepEvent) else "image" for e in events]
+    assert kinds == (["step"] * STEPS + ["image"]) * 3  # an image comes after its steps
+    assert all(e.num_images == 3 and e.sets == (0, 1) and e.set_ids is None for e in events)
+    assert all(e.num_steps == STEPS for e in events if isinstance(e, StepEvent))
+    images = [e for e in events if isinstance(e, ImageEvent)]
+    for k, event in enumerate(images):
+        assert torch.equal(event.latents, out.latents[:, k])
+        assert (event.pixels is None) == (variant == "self")  # the sampler decodes for dino only
+    assert not out.stopped
+
+
+def _stop_at(image: int, step: int | None = None):
+    """A callback that stops at image ``image``'s ImageEvent (or at its step ``step``)."""
+    from m2m_ray.sampling.callbacks import STOP, ImageEvent, StepEvent
+
+    def callback(event):
+        if event.image != image:
+            return None
+        if step is None and isinstance(event, ImageEvent):
+            return STOP
+        if step is not None and isinstance(event, StepEvent) and event.step == step:
+            return STOP
+        return None
+    return callback
+
+
+@pytest.mark.parametrize("variant", ["self", "dino"])
+def test_a_stop_returns_the_images_finished_so_far(pipes, variant):
+    """STOP after image 2 of 4 returns exactly the first 2, bit-equal to a run that did not stop;
+    STOP during image 3's steps drops that image."""
+    pipe, photos = pipes[variant], _photos(2)
+    kwargs = dict(num_images=4, num_inference_steps=STEPS, seed=1)
+    full = pipe(photos, **kwargs)
+    assert len(full) == 4
+    assert _same_images(pipe(photos, callback=_stop_at(1), **kwargs), full[:2])
+    assert _same_images(pipe(photos, callback=_stop_at(2, step=1), **kwargs), full[:2])
+    assert pipe(photos, callback=_stop_at(0, step=0), **kwargs) == []
+    context = _context(pipe, 2)
+    whole = _sample(pipe, context, num_images=4)
+    part = _sample(pipe, context, num_images=4, callback=_stop_at(1))
+    assert part.stopped and part.latents.shape[1] == 2 and part.finite.tolist() == [True]
+    assert torch.equal(part.latents, whole.latents[:, :2])
+    with pytest.raises(TypeError, match="return None to go on or .*STOP"):
+        _sample(pipe, context, num_images=1, callback=lambda event: True)
+
+
+def test_pipeline_events_name_the_sets_and_carry_their_images(pipes):
+    """``generate``'s events say which sets (positions and ids) a batch holds; an ImageEvent's
+    images are the ones returned; a stop leaves later batches without images."""
+    from m2m_ray.sampling.callbacks import STOP, ImageEvent
+
+    pipe = pipes["self"]
+    sets = [_photos(2), _photos(1, 1), _photos(2, 2)]  # two batches: K = 2 (sets 0, 2), K = 1
+    spec = SampleConfig(num_images=2, num_inference_steps=STEPS, vae_batch_size=1)
+    shown: dict[tuple[str, int], Image.Image] = {}
+    seen = []
+
+    def collect(event):
+        seen.append((event.sets, event.set_ids))
+        if isinstance(event, ImageEvent):
+            assert event.pixels.shape == (len(event.sets), 3, 64, 64)
+            shown.update({(set_id, event.image): image
+                          for set_id, image in zip(event.set_ids, event.images)})
+
+    out = pipe.generate(sets, spec, set_ids=["a", "b", "c"], callback=collect)
+    assert set(seen) == {((0, 2), ("a", "c")), ((1,), ("b",))}
+    for i, set_id in enumerate("abc"):
+        assert _same_images([shown[(set_id, k)] for k in range(2)], out[i])
+
+    def stop_first_batch(event):
+        return STOP if isinstance(event, ImageEvent) and event.image == 0 else None
+
+    stopped = pipe.generate(sets, spec, set_ids=["a", "b", "c"], callback=stop_first_batch)
+    assert [len(images) for images in stopped] == [1, 0, 1]
+    assert _same_images(stopped[0], out[0][:1]) and _same_images(stopped[2], out[2][:1])
+    with pytest.raises(ValueError, match="a callback with output_type='pt' and sets of "
+                       "different sizes"):
+        pipe.generate(sets, spec, callback=collect, output_type="pt")

@@ -364,7 +364,7 @@ def test_checkpoint_round_trip_continues_exactly_and_exports(mis, tmp_path):
     _train(*first, steps=2)
     state = TrainerState(step=2, epoch=1, world_size=1, positions=[(3, 1)])
     spec = SampleConfig(num_images=2, num_inference_steps=2, guidance_scale=3.0)
-    grid = sample_grid(first[3].model, load_vae(TINY), None, _batch().latents, 2, spec, 0)
+    grid = sample_grid(first[3].model, load_vae(TINY), None, _batch().latents, 2, spec)
     assert Image.open(io.BytesIO(grid)).size == (4 * 64, 2 * 64)
     save_checkpoint(tmp_path / "ckpt", first[0], first[3], first[1], first[2], state, cfg,
                     [rng_state()], grid)
@@ -476,6 +476,25 @@ def test_configs_load_and_validate(tmp_path):
     assert tiny.model.preset == "tiny" and tiny.export_uri == "outputs/tiny/model"
     with pytest.raises(ConfigError, match="multiple of scaling.num_workers"):
         load_config(TrainConfig, ROOT / "configs/tiny/train.yaml", ["--global_batch_size=5"])
+
+
+def test_preview_honours_seed_and_dtype_and_refuses_resolution():
+    """The sample grid follows its spec's seed (row r is set "r"), runs float32 on the CPU
+    whatever ``dtype`` says, and refuses ``resolution`` (in the config and in the call)."""
+    model, vae, latents = M2MUNet.from_preset(TINY, M2MConfig()), load_vae(TINY), _batch().latents
+    spec = SampleConfig(num_images=1, num_inference_steps=2, seed=5)
+
+    def grid(spec):
+        return sample_grid(model, vae, None, latents, 2, spec)
+
+    assert grid(spec) == grid(spec)
+    assert grid(spec) != grid(spec.model_copy(update={"seed": 6}))
+    assert grid(spec) == grid(spec.model_copy(update={"dtype": "float32"}))  # CPU: float32
+    with pytest.raises(ValueError, match="samples.sample.resolution is 32"):
+        grid(spec.model_copy(update={"resolution": 32}))
+    with pytest.raises(ConfigError, match="samples.sample.resolution is 32.*remove the key"):
+        load_config(TrainConfig, ROOT / "configs/tiny/train.yaml",
+                    ["--samples.sample.resolution=32"])
 
 
 def test_train_step_benchmark_reports_json():

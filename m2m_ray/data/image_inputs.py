@@ -75,13 +75,6 @@ def open_image(data: bytes, name: str) -> Image.Image:
                               "GIF or TIFF file; remove or replace it") from err
 
 
-def load_images(specs: Sequence[str], size: int,
-                storage: "StorageConfig | None" = None) -> list[Image.Image]:
-    """``expand_image_specs`` + read + ``open_image`` + ``fit_square``."""
-    return [fit_square(open_image(st.read_bytes(uri, storage), uri), size)
-            for uri in expand_image_specs(specs, storage)]
-
-
 def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """RGB images of one size → ``[N, 3, H, W]`` float32 in [0, 1]."""
     if not images:

@@ -20,15 +20,22 @@ from m2m_ray.models.config import M2MConfig, ModelConfig
 
 
 class SampleConfig(StrictModel):
-    """How M2M samples: the arguments of ``M2MPipeline.__call__`` / ``generate``."""
+    """How M2M samples: the arguments of ``M2MPipeline.__call__`` / ``generate``.
+
+    ``sampler.sample`` reads what the loop needs (M, W, steps, scheduler, s_I, s_T, use_cache);
+    seed, dtype, resolution and vae_batch_size decide the run around it and are applied by its
+    callers: ``M2MPipeline.generate`` (and so ``__call__`` and the generate job) honours all of
+    them, training previews (``m2m_ray/train/preview.py``) honour seed, dtype and vae_batch_size
+    and refuse a resolution."""
 
     num_images: int = Field(4, ge=1, description="M: images generated per set, one after another.")
     context_window: int = Field(
         8, ge=1, description="W: a new image sees the last W images of its set (given ones first, "
         "then the generated ones as they join).")
     num_inference_steps: int = Field(50, ge=1, description="Denoising steps per image.")
-    scheduler: Literal["ddim", "euler", "pndm", "dpmsolver++"] = Field(
-        "ddim", description="Scheduler on SD-2.1's noise schedule (paper: DDIM).")
+    scheduler: Literal["ddim", "euler", "pndm", "dpmsolver++"] | None = Field(
+        None, description="Scheduler on the model's noise schedule; None: the model's own (the "
+        "one saved in its folder; DDIM, the paper's, for a preset model and training previews).")
     guidance_scale: float = Field(
         3.0, description="s_I, image guidance (eq. 6): 1 = the conditional prediction alone (one "
         "UNet branch), 0 = ignore the context.")
@@ -38,9 +45,10 @@ class SampleConfig(StrictModel):
         True, description="Encode each context image once into per-site keys/values (same images "
         "as False, which re-encodes the context at every step: the paper's cost).")
     seed: int = Field(0, description="Base seed; set s draws its noises from a generator seeded "
-                      "with m2m_ray.sampling.job.set_seed(set_id, seed).")
+                      "with m2m_ray.sampling.sampler.set_seed(set_id, seed).")
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="Precision on GPU; the CPU always runs float32.")
+        "float16", description="Precision on GPU; the CPU always runs float32. The pipeline's "
+        "weights must have it (load them in it); previews autocast to it.")
     resolution: int | None = Field(
         None, ge=8, multiple_of=8, description="Image size in pixels; None: the model preset's "
         "(512 for sd21-base, 64 for tiny).")

@@ -20,30 +20,61 @@ give the same images.
 
 Sets are batched: B sets denoise together, every guidance branch of them in one UNet forward.
 Reproducibility is per set: set b's noises come only from ``generators[b]`` (drawn on that
-generator's device), so a set gives the same images alone or in any batch. The model only predicts
-ε; schedulers, guidance and this loop live here.
+generator's device), so a set gives the same images alone or in any batch; ``set_generators``
+derives them from (set id, base seed), the one derivation of the pipeline, the generate job and
+training previews. The model only predicts ε; schedulers, guidance and this loop live here. A
+``callback`` (``m2m_ray.sampling.callbacks``) sees every step and every finished image and may
+stop the run.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from m2m_ray.models import presets
 from m2m_ray.models.codec import ImageCodec
 from m2m_ray.models.context import ContextCache
 from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.models.m2m_unet import M2MUNet
+from m2m_ray.sampling.callbacks import Callback, ImageEvent, StepEvent, wants_stop
 from m2m_ray.sampling.config import SampleConfig
 from m2m_ray.sampling.guidance import Branch, branch_masks, combine, guidance_branches
 
 
 @dataclass(frozen=True)
 class SampleOutput:
-    latents: torch.Tensor               # (B, M, 4, h, w) float32
-    pixels: torch.Tensor | None = None  # (B, M, 3, H, W) in [0, 1] when decoded in the loop (dino)
+    latents: torch.Tensor               # (B, M', 4, h, w) float32; M' = M unless a callback stopped
+    pixels: torch.Tensor | None = None  # (B, M', 3, H, W) in [0, 1] when decoded in the loop (dino)
     finite: torch.Tensor | None = None  # (B,) bool: the set's latents (and pixels) have no NaN/Inf
+    stopped: bool = False               # a callback returned STOP
+
+
+def set_seed(set_id: str, base_seed: int) -> int:
+    """The noise seed of a set: a 63-bit hash of its id and the base seed (SampleConfig.seed)."""
+    digest = hashlib.blake2b(f"{base_seed}:{set_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def set_generators(set_ids: Sequence[str], base_seed: int) -> list[torch.Generator]:
+    """One CPU generator per set, seeded with ``set_seed(set_id, base_seed)``: a set's noise
+    depends on its id and the base seed only (not on its batch, actor or device)."""
+    return [torch.Generator().manual_seed(set_seed(str(s), base_seed)) for s in set_ids]
+
+
+def check_scheduler(scheduler: Any, spec: SampleConfig) -> None:
+    """Refuse a scheduler object of another kind than ``spec.scheduler`` names (None: any)."""
+    if spec.scheduler is None:
+        return
+    wanted = presets.SCHEDULERS[spec.scheduler]
+    if type(scheduler).__name__ != wanted:
+        raise ValueError(f"SampleConfig.scheduler is {spec.scheduler!r} ({wanted}) but the "
+                         f"scheduler given is a {type(scheduler).__name__}; pass the scheduler it "
+                         "names (M2MPipeline.scheduler_for(spec), presets.load_scheduler) or set "
+                         "scheduler=None to sample with the one given")
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -162,16 +193,22 @@ class GuidedDenoiser:
 @torch.no_grad()
 def denoise_image(model: M2MUNet, scheduler: Any, state: ContextState, noise: torch.Tensor,
                   num_inference_steps: int, branches: list[Branch],
-                  target_task: TaskConditions | None = None) -> torch.Tensor:
+                  target_task: TaskConditions | None = None, *,
+                  on_step: Callable[[int, int, torch.Tensor, torch.Tensor], bool] | None = None
+                  ) -> torch.Tensor | None:
     """One new image per set: noise ``[B, 4, h, w]`` → clean latents ``[B, 4, h, w]`` (float32),
-    seeing the context in ``state``. The denoising loop, written out."""
+    seeing the context in ``state``. The denoising loop, written out. ``on_step(step,
+    num_steps, t, latents)`` after every step; when it returns True the loop ends and returns
+    None."""
     denoiser = GuidedDenoiser(model, state, branches, noise.shape[0], target_task)
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     latents = noise.float() * scheduler.init_noise_sigma  # (B, 4, h, w)
-    for t in scheduler.timesteps:
+    for step, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(latents, t)  # (B, 4, h, w)
         eps = denoiser(model_input, t)  # (B, 4, h, w)
         latents = scheduler.step(eps, t, latents).prev_sample
+        if on_step is not None and on_step(step, len(scheduler.timesteps), t, latents):
+            return None
     return latents
 
 
@@ -196,18 +233,27 @@ def _check_tasks(model: M2MUNet, batch: int, num_context: int, num_images: int,
 def sample(model: M2MUNet, scheduler: Any, codec: ImageCodec, context_images: torch.Tensor,
            generators: Sequence[torch.Generator], spec: SampleConfig, *,
            context_task: TaskConditions | None = None,
-           target_task: TaskConditions | None = None) -> SampleOutput:
+           target_task: TaskConditions | None = None,
+           callback: Callback | None = None) -> SampleOutput:
     """Generate ``spec.num_images`` (M) images after ``context_images`` ``[B, K, 3, H, W]``
     (floats in [0, 1], K may be 0) for B sets, one after another (paper §6.1), each seeing the last
-    ``spec.context_window`` images of its set. ``spec`` is the one sampling spec (steps, s_I, s_T,
-    window, cache); its scheduler is the caller's ``scheduler`` object. ``context_task`` ``[B, K]``
-    / ``target_task`` ``[B, M]``: task conditions (eq. 7 guidance with s_T); None: eq. 6.
+    ``spec.context_window`` images of its set. ``spec`` is the one sampling spec; this function
+    reads M, W, steps, s_I, s_T, ``use_cache`` and ``scheduler`` (None: use ``scheduler`` as
+    given; a name: ``scheduler`` must be of that kind). The run's seed, dtype, resolution and VAE
+    batch size are the caller's: ``generators`` (one per set, e.g. ``set_generators``), the
+    model's dtype, the context's size and ``codec``. ``context_task`` ``[B, K]`` /
+    ``target_task`` ``[B, M]``: task conditions (eq. 7 guidance with s_T); None: eq. 6.
+    ``callback``: called with a ``StepEvent`` after every denoising step and an ``ImageEvent``
+    after every image (``m2m_ray.sampling.callbacks``); returning ``STOP`` ends the run with the
+    M' images finished (``SampleOutput.stopped``).
 
     ``SampleOutput.finite`` tells which sets came out without NaN/Inf (checked after every image;
     the caller decides what a non-finite set is).
 
     Raises ``ValueError`` for context images that are not ``[B, K, 3, H, W]``, a generator count
-    other than B, or task conditions of the wrong shape or for a model without them."""
+    other than B, a scheduler of another kind than ``spec.scheduler``, or task conditions of the
+    wrong shape or for a model without them; ``TypeError`` for a callback that returns anything
+    but None or ``STOP``."""
     num_images, context_window = spec.num_images, spec.context_window
     if context_images.ndim != 5 or context_images.shape[2] != 3:
         raise ValueError(f"context images {tuple(context_images.shape)}: expected [B, K, 3, H, W] "
@@ -215,6 +261,7 @@ def sample(model: M2MUNet, scheduler: Any, codec: ImageCodec, context_images: to
     batch, num_context, _, height, width = context_images.shape
     if len(generators) != batch:
         raise ValueError(f"{len(generators)} generators for {batch} sets: give one per set")
+    check_scheduler(scheduler, spec)
     _check_tasks(model, batch, num_context, num_images, context_task, target_task)
     device = model.device
     state = ContextState(model, context_window, spec.use_cache)
@@ -226,20 +273,38 @@ def sample(model: M2MUNet, scheduler: Any, codec: ImageCodec, context_images: to
     branches = guidance_branches(spec.guidance_scale,
                                  None if target_task is None else spec.task_guidance_scale)
     shape = latent_shape(codec, height, width)
+    rows = tuple(range(batch))
     generated, decoded = [], []
     finite = torch.ones(batch, dtype=torch.bool, device=device)  # (B,)
+    stopped = False
     for j in range(num_images):
+        def on_step(step: int, num_steps: int, t: torch.Tensor, latents: torch.Tensor,
+                    j: int = j) -> bool:
+            event = StepEvent(j, num_images, step, num_steps, int(t), latents, rows)
+            return wants_stop(callback(event), event)
+
         task = None if target_task is None else target_task.select(slice(j, j + 1))  # (B, 1)
         noise = initial_noise(generators, shape, device)  # (B, 4, h, w)
         latents = denoise_image(model, scheduler, state, noise, spec.num_inference_steps, branches,
-                                task)[:, None]  # (B, 1, 4, h, w)
+                                task, on_step=None if callback is None else on_step)
+        if latents is None:  # stopped at a step: this image is dropped
+            stopped = True
+            break
+        latents = latents[:, None]  # (B, 1, 4, h, w)
         generated.append(latents)
         finite &= finite_sets(latents)  # a NaN stays in its own set: rows never mix
         pixels = codec.decode(latents) if codec.needs_pixels else None  # (B, 1, 3, H, W)
         if pixels is not None:
             decoded.append(pixels)
             finite &= finite_sets(pixels)
+        if callback is not None:
+            event = ImageEvent(j, num_images, latents[:, 0],
+                               None if pixels is None else pixels[:, 0], rows)
+            if wants_stop(callback(event), event):
+                stopped = True
+                break
         if j + 1 < num_images:
             state.add(codec.context_of(latents, pixels), task)
-    return SampleOutput(torch.cat(generated, 1), torch.cat(decoded, 1) if decoded else None,
-                        finite.cpu())
+    empty = torch.zeros(batch, 0, *shape, device=device)  # stopped before the first image
+    return SampleOutput(torch.cat(generated, 1) if generated else empty,
+                        torch.cat(decoded, 1) if decoded else None, finite.cpu(), stopped)

@@ -12,7 +12,18 @@ from m2m_ray.data.config import TrainDataConfig
 from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.sampling.config import SampleConfig
 
-PreviewSample = with_defaults(SampleConfig, num_images=2)
+MODEL_SCHEDULER = "ddim"  # a trained model's own scheduler (paper): export saves it, previews too
+# A preview autocasts to its spec's dtype on a GPU: bf16 by default, as training (precision auto).
+PreviewSample = with_defaults(SampleConfig, num_images=2, dtype="bfloat16")
+
+
+def check_preview_spec(spec: SampleConfig) -> None:
+    """Refuse what a training preview cannot honour: ``resolution`` (the size of the training
+    images decides it)."""
+    if spec.resolution is not None:
+        raise ValueError(f"samples.sample.resolution is {spec.resolution}, but a training preview "
+                         "samples at the size of the training images (their latents); remove the "
+                         "key")
 
 
 class OptimConfig(StrictModel):
@@ -188,6 +199,7 @@ class TrainConfig(StrictModel):
             raise ValueError(f"samples.context_images {self.samples.context_images} > "
                              f"data.images_per_set {self.data.images_per_set}: the grid's "
                              "context comes from one training sample")
+        check_preview_spec(self.samples.sample)
         wanted = self.samples.context_images + self.samples.sample.num_images
         if (self.m2m.task_conditions and self.samples.enabled
                 and wanted > self.data.images_per_set):

@@ -18,7 +18,7 @@ from m2m_ray.models.context import DinoEncoder
 from m2m_ray.models.m2m_unet import M2MUNet
 from m2m_ray.models.presets import load_scheduler, load_vae
 from m2m_ray.sampling.pipeline import M2MPipeline
-from m2m_ray.train.config import TrainConfig
+from m2m_ray.train.config import MODEL_SCHEDULER, TrainConfig
 
 
 def export_pipeline(checkpoint_dir: Path, cfg: TrainConfig, out_uri: str) -> str:
@@ -26,7 +26,8 @@ def export_pipeline(checkpoint_dir: Path, cfg: TrainConfig, out_uri: str) -> str
     returns ``out_uri``."""
     unet = M2MUNet.from_pretrained(checkpoint_dir / "ema_unet")
     dino = DinoEncoder.from_preset(cfg.model) if unet.config.variant == "dino" else None
-    pipeline = M2MPipeline(unet, load_vae(cfg.model), load_scheduler(cfg.model, "ddim"), dino)
+    pipeline = M2MPipeline(unet, load_vae(cfg.model), load_scheduler(cfg.model, MODEL_SCHEDULER),
+                            dino)
     if not storage.is_remote(out_uri):
         pipeline.save_pretrained(storage.split_uri(out_uri)[1])
         return out_uri

@@ -225,11 +225,8 @@ class Worker:
         samples = self.cfg.samples
         if not samples.enabled or self.preview is None:
             return None
-        with torch.autocast(self.device.type, dtype=self.autocast,
-                            enabled=self.autocast is not None):
-            return sample_grid(self.ema.model, self.vae, self.dino, self.preview,
-                               samples.context_images, samples.sample, self.cfg.seed,
-                               self.preview_task)
+        return sample_grid(self.ema.model, self.vae, self.dino, self.preview,
+                           samples.context_images, samples.sample, self.preview_task)
 
     def maybe_fail(self) -> None:
         """Fault injection for tests: raise once per run right after ``fail_at_step``."""
