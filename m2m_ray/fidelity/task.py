@@ -132,7 +132,8 @@ def run_task_fidelity(cfg: TaskFidelityConfig, command: str = ""
         context = [Image.fromarray(images[i]) for i in indices[:K]]
         outputs = {}
         for mode, s_t in modes.items():
-            spec = cfg.sample.model_copy(update={"task_guidance_scale": s_t})
+            # the generator carries the seed (seed * 1000 + s), so the spec's stays at its default
+            spec = cfg.sample.model_copy(update={"task_guidance_scale": s_t, "seed": 0})
             generated = pipe([*context], M, generator=torch.Generator().manual_seed(
                 seed * 1000 + s), context_task=task.select(slice(0, K)),
                 target_task=task.select(slice(K, K + M)), **spec.model_dump(
