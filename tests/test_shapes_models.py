@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from m2m_ray.fidelity.scoring import teacher_agreement
 from m2m_ray.models import presets
 from m2m_ray.models.config import ModelConfig
-from m2m_ray.fidelity.scoring import teacher_agreement
 from m2m_ray.shapes import evaluate, world
 from m2m_ray.shapes.readout import AttributeReadout
 
@@ -85,12 +85,12 @@ def _above_floors(agreement: dict) -> None:
 @pytest.mark.timeout(300)
 def test_build_mis_on_shapes_captions_gives_a_verified_mis_that_follows_them(ray_local, tmp_path):
     from m2m_ray.config import load_config
+    from m2m_ray.fidelity.config import MISReportConfig
+    from m2m_ray.fidelity.mis_report import run_mis_report
     from m2m_ray.mis.build import run_generate_stage
     from m2m_ray.mis.captions import run_captions_stage
     from m2m_ray.mis.config import BuildMISConfig
     from m2m_ray.mis.verify import verify_mis
-    from m2m_ray.fidelity.config import MISReportConfig
-    from m2m_ray.fidelity.mis_report import run_mis_report
 
     tsv = tmp_path / "shapes.tsv"
     world.write_caption_tsv(str(tsv), seed=5, count=6, exclude=world.HELD_OUT)

@@ -7,7 +7,7 @@
   matches in name order; a file gives itself. A spec that matches nothing is an error naming it.
 - Any size and mode: ``m2m_ray.formats.images.to_rgb`` (EXIF orientation applied; transparency
   composited over white; 16-bit and float images scaled to 8 bits; grey, palette, CMYK...
-  converted to RGB). Then ``fit_square``: the shorter side is resized to the target and the
+  converted to RGB). Then ``m2m_ray.formats.images.fit_square``: the shorter side is resized to the target and the
   centre cropped to a square (the aspect ratio is kept).
 - A file that cannot be decoded is an ``ImageInputError`` naming it and what PIL said.
 """
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from m2m_ray import storage as st
-from m2m_ray.formats.images import fit_square, to_rgb
+from m2m_ray.formats.images import to_rgb
 
 if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig

@@ -30,6 +30,7 @@ from m2m_ray.data.config import GenerateInputsConfig
 from m2m_ray.data.image_inputs import expand_image_specs, open_image
 from m2m_ray.formats.mis_fields import MISSample, stored_table
 from m2m_ray.formats.mis_read import iter_mis, iter_shard, read_mis
+from m2m_ray.formats.rng import Salt
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def selection_keys(caption_ids: np.ndarray, seed: int) -> np.ndarray:
     """uint64 ``[n]``: a seeded hash of each caption id (splitmix64 of id + seed-derived offset),
     uniform and independent across ids; the N smallest keys are a uniform random N-subset."""
     with np.errstate(over="ignore"):
-        offset = np.random.SeedSequence([seed, 0x5E1EC7]).generate_state(1, np.uint64)[0]
+        offset = np.random.SeedSequence([seed, Salt.SET_SELECTION]).generate_state(1, np.uint64)[0]
         z = np.asarray(caption_ids).astype(np.uint64) + offset
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)

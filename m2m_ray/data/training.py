@@ -43,10 +43,11 @@ from PIL import Image
 
 from m2m_ray.config import StorageConfig
 from m2m_ray.data.config import TrainDataConfig
-from m2m_ray.formats.images import fit_square
 from m2m_ray.data.tasks import task_columns
+from m2m_ray.formats.images import fit_square
 from m2m_ray.formats.mis import CorruptShardError
 from m2m_ray.formats.mis_read import check_set_count, decode_latents, iter_sets
+from m2m_ray.formats.rng import Salt
 from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.runtime import actor_pool_args, task_pool_args
 
@@ -124,7 +125,7 @@ class SetStream:
     def shard_index(self, item: int) -> tuple[int, int]:
         """``(epoch, index into shards)`` of a global item id."""
         epoch, slot = divmod(item, len(self.shards))
-        order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.shards))
+        order = np.random.default_rng([self.seed, epoch, Salt.SHARD_ORDER]).permutation(len(self.shards))
         return epoch, int(order[slot])
 
 

@@ -42,6 +42,7 @@ from m2m_ray.eval.inception import (
     resize_image,
     scale_input,
 )
+from m2m_ray.formats.rng import Salt
 
 if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig
@@ -263,8 +264,8 @@ class Extractors:
         self.fid_resizes = tuple(cfg.fid_resizes)
         if cfg.kind == "tiny":
             self.inception = _seeded(TinyInception, cfg.tiny_seed)
-            self.clip = tiny_clip(cfg.tiny_seed + 1)
-            self.dino = None if cfg.dino_model_id is None else tiny_dino(cfg.tiny_seed + 2)
+            self.clip = tiny_clip(cfg.tiny_seed + Salt.TINY_CLIP_INIT)
+            self.dino = None if cfg.dino_model_id is None else tiny_dino(cfg.tiny_seed + Salt.TINY_DINO_INIT)
         else:
             self.inception = load_fid_inception(cfg.inception_weights, storage)
             self.clip = load_clip(cfg.clip_model_id)

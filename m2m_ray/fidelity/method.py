@@ -50,6 +50,7 @@ from m2m_ray.fidelity.report import pyplot, write_report
 from m2m_ray.fidelity.scoring import CHANCE, agreement_by_value
 from m2m_ray.fidelity.scoring import teacher_images as teacher_images_of
 from m2m_ray.formats.mis_read import iter_mis
+from m2m_ray.formats.rng import Salt
 from m2m_ray.shapes import world
 from m2m_ray.shapes.readout import AttributeReadout
 from m2m_ray.shapes.world import HELD_OUT, SCORED
@@ -168,13 +169,13 @@ def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
     # The unconditional branch: S·M independent single images with no context at all.
     single = SampleConfig(**{**spec.model_dump(), "num_images": 1})
     dropped = _generate(pipe, np.zeros((S * M, 0, *sets.images.shape[2:]), np.uint8), single,
-                        seed + 10_000).reshape(S, M, *sets.images.shape[2:])
+                        seed + Salt.CONTEXT_DROPPED).reshape(S, M, *sets.images.shape[2:])
     dropped_read = readout.predict(dropped.reshape(S * M, *dropped.shape[2:]))
     reference = sets.reference
     if (reference is None or reference.shape[1] == 0) and teacher_images:
         # the teacher given each caption, through MIS stage 2's generator (Euler, guidance 7.5)
         reference = teacher_images_of("shapes", sets.captions, teacher_images,
-                                      seed=seed + 20_000, captions_per_batch=8, first_id=0)
+                                      seed=seed + Salt.TEACHER_IMAGES, captions_per_batch=8, first_id=0)
     elif reference is not None and reference.shape[1] == 0:
         reference = None  # no teacher column (teacher_images=0)
     reference_read = (None if reference is None else
@@ -343,9 +344,9 @@ def run_method_fidelity(cfg: MethodFidelityConfig, command: str = "") -> dict[st
     sources = [
         mis_context_sets(cfg.mis_uri, "test", cfg.mis_sets, context_images=K,
                          storage_cfg=cfg.storage),
-        renderer_context_sets(seen, cfg.renderer_sets, K, seed + 1,
+        renderer_context_sets(seen, cfg.renderer_sets, K, seed + Salt.RENDERER_SEEN,
                               "renderer (combinations in shapes-MIS)"),
-        renderer_context_sets(HELD_OUT, max(4, cfg.renderer_sets * 4), K, seed + 2,
+        renderer_context_sets(HELD_OUT, max(4, cfg.renderer_sets * 4), K, seed + Salt.RENDERER_HELD_OUT,
                               "renderer (held-out combinations)"),
     ]
     results = {"model": cfg.model_path, "variant": pipe.variant, "spec": spec.model_dump(),

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from m2m_ray.formats.rng import Salt
 from m2m_ray.shapes import world
 from m2m_ray.shapes.evaluate import agreement
 from m2m_ray.shapes.readout import AttributeReadout
@@ -111,7 +112,7 @@ def teacher_agreement(model: "str | ModelConfig", captions: Sequence[str],
             "by_value": agreement_by_value(predicted, targets, images_per_caption),
             "all_three": all_three(predicted, per_image),
             "diversity": within_set_diversity(images),
-            "renderer_diversity": renderer_diversity(keys, images_per_caption, seed + 1),
+            "renderer_diversity": renderer_diversity(keys, images_per_caption, seed + Salt.RENDERER_DIVERSITY),
             "images": images}
 
 

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from m2m_ray import storage
 from m2m_ray.config import StorageConfig
 from m2m_ray.formats.ids import shard_name
+
 # IMAGE_EXTENSIONS, CorruptShardError and latents_to_npy are the contract's names for producers
 # and readers; they are importable from here too.
 from m2m_ray.formats.mis_fields import (  # noqa: F401

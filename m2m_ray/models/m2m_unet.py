@@ -61,6 +61,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from m2m_ray.formats.rng import Salt
 from m2m_ray.models.config import M2MConfig, ModelConfig
 from m2m_ray.models.context import ContextCache, SiteContext
 from m2m_ray.models.embedders import TaskConditions, TaskEmbedder
@@ -144,7 +145,7 @@ class M2MUNet(nn.Module):
 
         dino_width = _dino_hidden_size(model) if config.variant == "dino" else None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(model.seed + 7)
+            torch.manual_seed(model.seed + Salt.IMAGE_SET_ATTENTION_INIT)
             m2m = cls(unet_config(model), config, model, dino_width)
         m2m.init_report = m2m.load_base_weights(load_unet(model).state_dict())
         return m2m.to(device=device, dtype=dtype).eval()
@@ -215,7 +216,7 @@ class M2MUNet(nn.Module):
         m2m = M2MConfig(**{**m2m.model_dump(), "task_conditions": list(task_conditions),
                            **({"camera_frame": camera_frame} if camera_frame else {})})
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((model_config.seed if seed is None else seed) + 11)
+            torch.manual_seed((model_config.seed if seed is None else seed) + Salt.TASK_EMBEDDER_INIT)
             model = cls(config["unet"], m2m, model_config, config["dino_hidden_size"])
         missing, unexpected = model.load_state_dict(state, strict=False)
         fresh = ("task_embedder.", "dino_task_proj.", ".processor.task_proj.")

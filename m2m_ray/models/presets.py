@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from m2m_ray.formats.rng import Salt
 from m2m_ray.models.clip_tokenizer import clip_tokenizer
 
 if TYPE_CHECKING:
@@ -273,7 +274,7 @@ def load_vae(model: "ModelConfig", device=None, dtype=None):
         vae = _from_hub(AutoencoderKL.from_pretrained, preset.sd_model_id, "the VAE",
                         subfolder="vae")
     else:
-        vae = _seeded(lambda: AutoencoderKL(**preset.vae_config), model.seed + 1)
+        vae = _seeded(lambda: AutoencoderKL(**preset.vae_config), model.seed + Salt.VAE_INIT)
     return _finish(vae, device, dtype)
 
 
@@ -286,7 +287,7 @@ def load_text_encoder(model: "ModelConfig", device=None, dtype=None):
                             "the text encoder", subfolder="text_encoder")
     else:
         encoder = _seeded(lambda: CLIPTextModel(CLIPTextConfig(**preset.text_config)),
-                          model.seed + 2)
+                          model.seed + Salt.TEXT_ENCODER_INIT)
     return _finish(encoder, device, dtype)
 
 
@@ -324,7 +325,7 @@ def load_dino(model: "ModelConfig", device=None, dtype=None):
     if preset.dino_model_id:
         dino = _from_hub(Dinov2Model.from_pretrained, preset.dino_model_id, "DINOv2")
     else:
-        dino = _seeded(lambda: Dinov2Model(Dinov2Config(**preset.dino_config)), model.seed + 3)
+        dino = _seeded(lambda: Dinov2Model(Dinov2Config(**preset.dino_config)), model.seed + Salt.DINO_INIT)
     dino.requires_grad_(False)
     return _finish(dino, device, dtype)
 

@@ -29,10 +29,11 @@ from PIL import Image
 
 from m2m_ray import storage as st
 from m2m_ray.config import config_to_dict
-from m2m_ray.data.image_inputs import fit_square, open_image
+from m2m_ray.data.image_inputs import open_image
 from m2m_ray.data.sets import local_set_rows, ray_set_dataset
 from m2m_ray.data.tasks import decode_task_file, sequence_conditions
 from m2m_ray.formats import generations as gen
+from m2m_ray.formats.images import fit_square
 from m2m_ray.formats.mis import CorruptShardError, committed_shards, split_set_count
 from m2m_ray.models import presets
 from m2m_ray.models.embedders import TaskConditions

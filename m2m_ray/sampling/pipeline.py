@@ -42,12 +42,8 @@ import torch
 from PIL import Image
 
 from m2m_ray import storage as st
-from m2m_ray.data.image_inputs import (
-    fit_square,
-    images_to_tensor,
-    tensor_to_images,
-    to_rgb,
-)
+from m2m_ray.data.image_inputs import images_to_tensor, tensor_to_images
+from m2m_ray.formats.images import fit_square, to_rgb
 from m2m_ray.models import presets
 from m2m_ray.models.codec import ImageCodec
 from m2m_ray.models.config import M2MConfig, ModelConfig

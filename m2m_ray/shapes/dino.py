@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from m2m_ray.formats.rng import Salt
 from m2m_ray.models.context import IMAGENET_MEAN, IMAGENET_STD
 from m2m_ray.shapes import world
 from m2m_ray.shapes.world import render_batch
@@ -187,7 +188,7 @@ def train_dino(out: Path, steps: int, seed: int, batch: int = 128, lr: float = 2
               "objective": f"SimCLR NT-Xent, temperature {TEMPERATURE}, mean of last hidden "
                            f"states, one head per view kind {list(COLOUR_VIEWS)}",
               "seconds": round(time.perf_counter() - started, 1),
-              "linear_probe": linear_probe(dino, seed + 1000)}
+              "linear_probe": linear_probe(dino, seed + Salt.HELD_OUT_EVAL)}
     folder = Path(out) / "dino"
     # float16 on disk like the other shipped shapes weights (features move by < 0.003); presets
     # load float32

@@ -18,8 +18,6 @@ import torch
 
 from m2m_ray.models.clip_tokenizer import clip_tokenizer
 
-TEACHER_SEED_OFFSET = 17
-
 UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
     block_out_channels=(48, 96),

@@ -29,16 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from m2m_ray.formats.rng import Salt
 from m2m_ray.shapes import evaluate, world
-from m2m_ray.shapes.world import HELD_OUT
 from m2m_ray.shapes.readout import HEADS, AttributeReadout, ReadoutNet, to_tensor
 from m2m_ray.shapes.teacher import (
-    TEACHER_SEED_OFFSET,
     build_teacher,
     teacher_scheduler,
     token_ids,
 )
-from m2m_ray.shapes.world import render_batch
+from m2m_ray.shapes.world import HELD_OUT, render_batch
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -85,7 +84,7 @@ def train_readout(out: Path, steps: int, seed: int, batch: int = 128) -> dict[st
             _log("readout", step, steps, started, loss=float(loss))
     readout = AttributeReadout(net)
     report = {"steps": steps, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
-              "held_out": evaluate.readout_accuracy(readout, seed + 1000)}
+              "held_out": evaluate.readout_accuracy(readout, seed + Salt.HELD_OUT_EVAL)}
     readout.save(out, training=report)
     return report
 
@@ -126,7 +125,7 @@ def train_vae(out: Path, steps: int, seed: int, batch: int = 32, kl_weight: floa
     vae.eval()
     # SD's convention: latents are scaled to unit variance for the UNet (scaling_factor).
     with torch.no_grad():
-        images, _, _ = render_batch(np.random.default_rng(seed + 7), 512)
+        images, _, _ = render_batch(np.random.default_rng(seed + Salt.VAE_TRAINING_SAMPLES), 512)
         std = vae.encode(to_tensor(images) * 2 - 1).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     _save_half(vae, out / "vae")
@@ -134,7 +133,7 @@ def train_vae(out: Path, steps: int, seed: int, batch: int = 32, kl_weight: floa
     report = {"steps": steps, "seed": seed, "batch": batch, "kl_weight": kl_weight,
               "seconds": round(time.perf_counter() - started, 1),
               "scaling_factor": vae.config.scaling_factor,
-              "held_out": evaluate.vae_agreement(vae, AttributeReadout.load(), seed + 1000)}
+              "held_out": evaluate.vae_agreement(vae, AttributeReadout.load(), seed + Salt.HELD_OUT_EVAL)}
     (out / "vae" / "training.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -166,7 +165,7 @@ def train_teacher(out: Path, steps: int, seed: int, batch: int = 128, lr: float 
     in ``out`` (a further run with a fresh schedule) instead of from scratch."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed + TEACHER_SEED_OFFSET)
+    torch.manual_seed(seed + Salt.TEACHER_INIT)
     rng = np.random.default_rng(seed)
     vae = AutoencoderKL.from_pretrained(out / "vae").eval().requires_grad_(False)
     started = time.perf_counter()

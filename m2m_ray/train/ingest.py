@@ -31,6 +31,7 @@ from m2m_ray.data.training import (
     use_stored_latents,
 )
 from m2m_ray.formats.mis import committed_shards, split_set_count
+from m2m_ray.formats.rng import Salt
 from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.state import TrainerState, latest_checkpoint, read_trainer_state
 
@@ -122,7 +123,7 @@ def choose_subset(rows: list[dict[str, Any]], subset_sets: int, seed: int,
     ``subset_sets`` (all of them if they never do), returned in shard order; a pure function of
     the shard list and the seed, so every rerun and resume trains on the same subset."""
     counted_sets(rows, why)
-    order = np.random.default_rng([seed, 0x5B5E75]).permutation(len(rows))
+    order = np.random.default_rng([seed, Salt.INGEST_ORDER]).permutation(len(rows))
     chosen, total = [], 0
     for index in order:
         if total >= subset_sets:

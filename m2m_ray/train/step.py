@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from m2m_ray.formats.rng import Salt
 from m2m_ray.models.context import DinoEncoder
 from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.models.m2m_unet import M2MUNet
@@ -59,7 +60,7 @@ class TrainBatch:
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """The generator of one step's noise, timesteps and context drops on one worker: a pure
     function of (seed, step, rank), so a resumed run draws what the uninterrupted one drew."""
-    value = int(np.random.SeedSequence([seed, step, rank, 0xE95]).generate_state(1, np.uint64)[0])
+    value = int(np.random.SeedSequence([seed, step, rank, Salt.STEP_NOISE]).generate_state(1, np.uint64)[0])
     return torch.Generator(device=device).manual_seed(value & (2**63 - 1))
 
 
