@@ -69,11 +69,8 @@ def test_build_mis_job_submitted_with_cli_and_listed_by_dashboard(ray_head, tmp_
 
 @pytest.mark.ray
 @pytest.mark.timeout(360)
-def test_train_job_submitted_with_cli_writes_a_checkpoint(ray_head, tmp_path):
-    from m2m_ray.mis.synthetic import write_synthetic_mis
-
-    mis = tmp_path / "mis"
-    write_synthetic_mis(str(mis), num_shards=2, sets_per_shard=2, formats=("parquet",))
+def test_train_job_submitted_with_cli_writes_a_checkpoint(ray_head, tiny_mis, tmp_path):
+    mis = tiny_mis  # read-only here: runs and the export go under tmp_path
     submission_id = f"train-tiny-{uuid.uuid4().hex[:8]}"
     submitted = _ray_cli(
         ray_head, "job", "submit", "--submission-id", submission_id, "--working-dir", ".", "--",

@@ -5,6 +5,7 @@ import pytest
 from ray_head import wait_for_job
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_head_requires_token_and_runs_a_job(ray_head):
     with pytest.raises(urllib.error.HTTPError) as err:
