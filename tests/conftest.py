@@ -40,19 +40,6 @@ for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY",
 _RAY_LOCK_PATH = os.path.join(tempfile.gettempdir(), "m2m_ray-tests-ray.lock")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``-n 2 --dist loadgroup``, scripts/test.sh): every module that has a
-    ``ray`` test goes to one worker, in one group — Ray runs take turns anyway (``ray_turn``) —
-    and each other module is a group of its own, so a module's fixtures are built once and the
-    CPU-only modules run on the other worker beside the Ray ones."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    ray_modules = {item.module.__name__ for item in items if item.get_closest_marker("ray")}
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("ray" if module in ray_modules else module))
-
-
 @contextlib.contextmanager
 def ray_turn():
     with open(_RAY_LOCK_PATH, "w") as lock:
