@@ -1,4 +1,5 @@
-"""Shared fixtures: a private local Ray per module, a moto S3 server on loopback."""
+"""Shared fixtures: a private local Ray per module, a moto S3 server on loopback, a tiny synthetic
+MIS and a tiny model folder for the session; the tiers' rules (tests/tier_rules.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/ray_head.py and friends
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 from ray_head import free_port, start_head  # noqa: E402
+from tier_rules import (  # noqa: E402,F401  (hooks: marker and duration rules)
+    pytest_configure,
+    pytest_runtest_call,
+    pytest_runtest_makereport,
+    pytest_runtest_setup,
+)
 
 # Dummy S3 credentials for the moto server, set before any Ray starts so its workers inherit them
 # (moto accepts any key; real credentials a developer has set are left alone).
@@ -40,17 +47,26 @@ def ray_turn():
         yield
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count set for a block, then restored."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a loaded 2-core CI box spinning OpenMP
     threads make them ~50x slower. For a module: `pytestmark = pytest.mark.usefixtures(...)`;
     the setting is restored for the next module."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +133,37 @@ def s3_bucket(s3_server):
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(
         Bucket=bucket)
     return s3_server, bucket
+
+
+@pytest.fixture(scope="session")
+def tiny_mis(tmp_path_factory) -> str:
+    """The root of a committed synthetic MIS (m2m_ray/mis/synthetic.py, seed 0): 2 shards × 2 sets
+    × 25 images of 64×64 px, Parquet and WebDataset, tiny-VAE latents, all sets train. Shared by
+    the session, so read-only: a test that changes it works on ``copy_tree(tiny_mis, tmp_path)``."""
+    from m2m_ray.mis.synthetic import write_synthetic_mis
+
+    root = str(tmp_path_factory.mktemp("tiny_mis") / "mis")
+    with torch_threads(1):
+        write_synthetic_mis(root, num_shards=2, sets_per_shard=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """The folder of an untrained tiny M2M-Self pipeline (``save_pretrained``; image-set attention
+    at its zero init, so it ignores its context). Shared by the session, so read-only: copy it
+    with ``copy_tree`` before changing it."""
+    from m2m_ray.models.config import M2MConfig, ModelConfig
+    from m2m_ray.sampling.pipeline import M2MPipeline
+
+    folder = str(tmp_path_factory.mktemp("tiny_model") / "model")
+    with torch_threads(1):
+        pipe = M2MPipeline.from_preset(ModelConfig(preset="tiny"), M2MConfig(variant="self"))
+        pipe.save_pretrained(folder)
+    return folder
+
+
+def copy_tree(source: str, parent: os.PathLike | str) -> str:
+    """A private copy of a shared fixture's folder (``tiny_mis``, ``tiny_model``) under ``parent``
+    (e.g. ``tmp_path``), named like the source; returns its path."""
+    return shutil.copytree(source, os.path.join(parent, os.path.basename(source)))

@@ -63,6 +63,7 @@ def test_roundtrip_local_and_format_errors(tmp_path):
         gen.load_image(str(tmp_path / "broken.png"))
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_roundtrip_on_s3(s3_bucket):
     endpoint, bucket = s3_bucket

@@ -27,6 +27,8 @@ from m2m_ray.eval.inception import (
     random_fid_inception,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 _A = ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2",
       "branch3x3dbl_3", "branch_pool"]
 _B = ["branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"]

@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_device_script_dry_runs_on_the_cpu(tmp_path):
     out = tmp_path / "out"

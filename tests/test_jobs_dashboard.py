@@ -1,5 +1,6 @@
-"""Ray Jobs and the dashboard as users meet them: a token-auth head on loopback, the `ray job`
-CLI with RAY_AUTH_MODE/RAY_AUTH_TOKEN in the environment, the dashboard's REST API."""
+"""Ray Jobs and the dashboard as users meet them: a token-auth head on loopback (one for the
+module), the Jobs SDK and the `ray job` CLI with RAY_AUTH_MODE/RAY_AUTH_TOKEN in the environment,
+the dashboard's REST API."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_head import wait_for_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BUILD_MIS = "configs/tiny/build_mis.yaml"
@@ -25,6 +27,18 @@ def _ray_cli(head, *args: str, timeout_s: float) -> subprocess.CompletedProcess:
 def _rest(head, path: str, headers: dict[str, str] | None):
     request = urllib.request.Request(head.dashboard_url + path, headers=headers or {})
     return json.loads(urllib.request.urlopen(request, timeout=10).read())
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_head_requires_token_and_runs_a_job(ray_head):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{ray_head.dashboard_url}/api/jobs/", timeout=10)
+    assert err.value.code == 401
+    client = ray_head.job_client()
+    job_id = client.submit_job(entrypoint="python -c 'import ray; ray.init(); print(42)'")
+    assert wait_for_job(ray_head, job_id, timeout_s=180) == "SUCCEEDED"
+    assert "42" in client.get_job_logs(job_id)
 
 
 @pytest.mark.ray
@@ -69,11 +83,8 @@ def test_build_mis_job_submitted_with_cli_and_listed_by_dashboard(ray_head, tmp_
 
 @pytest.mark.ray
 @pytest.mark.timeout(360)
-def test_train_job_submitted_with_cli_writes_a_checkpoint(ray_head, tmp_path):
-    from m2m_ray.mis.synthetic import write_synthetic_mis
-
-    mis = tmp_path / "mis"
-    write_synthetic_mis(str(mis), num_shards=2, sets_per_shard=2, formats=("parquet",))
+def test_train_job_submitted_with_cli_writes_a_checkpoint(ray_head, tiny_mis, tmp_path):
+    mis = tiny_mis  # read-only here: runs and the export go under tmp_path
     submission_id = f"train-tiny-{uuid.uuid4().hex[:8]}"
     submitted = _ray_cli(
         ray_head, "job", "submit", "--submission-id", submission_id, "--working-dir", ".", "--",

@@ -27,8 +27,13 @@ def test_tiny_preset_is_seeded_and_offline():
 
 
 def test_offline_hub_load_names_tiny_preset(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
+    # the variable is read when huggingface_hub is imported (long before this test): without its
+    # constant the loads went to the network and spent ~45 s in retries before failing
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(presets.PresetUnavailableError, match="`tiny` preset"):
         presets.load_unet(ModelConfig(preset="sd21-base"))
     with pytest.raises(presets.PresetUnavailableError, match="`tiny` preset"):

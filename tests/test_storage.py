@@ -33,6 +33,7 @@ def test_expand_inputs_rejects_unmatched(tmp_path):
         storage.expand_inputs([str(tmp_path / "nope*.tsv")])
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_s3_round_trip_fsspec_and_pyarrow(s3_bucket):
     endpoint, bucket = s3_bucket
@@ -52,6 +53,7 @@ def test_s3_round_trip_fsspec_and_pyarrow(s3_bucket):
         assert pq.read_table(f).column("x").to_pylist() == [1, 2, 3]
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_folder_copies_local_and_s3(tmp_path, s3_bucket):
     """The one remote-folder copy (pipelines from s3://, fine-tune init_from, exports)."""

@@ -17,7 +17,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from m2m_ray.config import load_config
-from m2m_ray.mis.synthetic import write_synthetic_mis
 from m2m_ray.train.build import build_model
 from m2m_ray.train.config import TrainConfig
 from m2m_ray.train.flops import mfu, train_flops_per_set
@@ -28,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 8, 4  # metrics and a checkpoint with its sample grid at steps 4 and 8
 
 
-def _config(tmp: Path, *overrides: str) -> TrainConfig:
+def _config(tmp: Path, mis: str, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, ROOT / "configs/tiny/train.yaml", [
-        "--run_name=tracked", f"--data.uri={tmp / 'mis'}", f"--storage_path={tmp / 'runs'}",
+        "--run_name=tracked", f"--data.uri={mis}", f"--storage_path={tmp / 'runs'}",
         "--export_uri=null", f"--max_steps={STEPS}", f"--log_every_steps={EVERY}",
         f"--checkpoint.every_steps={EVERY}", "--samples.sample.num_inference_steps=2",
         "--report_to=[tensorboard,wandb,mlflow]", "--tracking.wandb.mode=offline",
@@ -53,11 +52,10 @@ def mlflow_file_store():
 
 
 @pytest.fixture(scope="module")
-def tracked_run(mlflow_file_store, request, tmp_path_factory):
+def tracked_run(mlflow_file_store, tiny_mis, request, tmp_path_factory):
     request.getfixturevalue("ray_local")  # after the environment above
     tmp = tmp_path_factory.mktemp("tracked")
-    write_synthetic_mis(str(tmp / "mis"), num_shards=2, sets_per_shard=2, formats=("parquet",))
-    cfg = _config(tmp)
+    cfg = _config(tmp, tiny_mis)
     summary = run_training(cfg)
     assert summary["step"] == STEPS
     return cfg, tmp, summary

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from m2m_ray import storage
 from m2m_ray.config import StorageConfig, load_config
 from m2m_ray.data.training import build_stream_dataset, plan_stream
+from conftest import copy_tree
+
 from m2m_ray.formats.mis import MISLayout
 from m2m_ray.mis.synthetic import write_synthetic_mis
 from m2m_ray.models.m2m_unet import WEIGHTS_NAME
@@ -48,9 +50,8 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_self_learns_resumes_exactly_after_a_failure_and_continues(ray_local, tmp_path):
-    mis = str(tmp_path / "mis")
-    write_synthetic_mis(mis, num_shards=2, sets_per_shard=2, formats=("parquet",))
+def test_self_learns_resumes_exactly_after_a_failure_and_continues(ray_local, tiny_mis, tmp_path):
+    mis = tiny_mis  # read-only here: runs, checkpoints and faults go under tmp_path
     # uninterrupted reference run: learns, checkpoints with sample grids, exports
     straight = run_training(_config(tmp_path, mis, "straight"))
     assert straight["step"] == STEPS
@@ -145,9 +146,8 @@ def _break_images(tar_path: str) -> None:
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_truncated_shard_fails_the_stream_naming_the_shard(ray_local, tmp_path):
-    mis = str(tmp_path / "mis")
-    write_synthetic_mis(mis, num_shards=2, sets_per_shard=2)
+def test_truncated_shard_fails_the_stream_naming_the_shard(ray_local, tiny_mis, tmp_path):
+    mis = copy_tree(tiny_mis, tmp_path)  # its own copy: a shard is cut below
     layout = MISLayout(mis)
     truncated = layout.parquet(1)
     with open(truncated, "r+b") as f:
