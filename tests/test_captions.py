@@ -192,6 +192,7 @@ def ray_cluster(ray_local):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.ray
 def test_verdicts_ids_and_bytes_across_ranges_gzip_and_dedup(ray_cluster, tokenizer, tmp_path):
     rows = crafted_rows(tokenizer)
     plain, packed = write_crafted(tmp_path, rows)
@@ -249,6 +250,7 @@ def test_verdicts_ids_and_bytes_across_ranges_gzip_and_dedup(ray_cluster, tokeni
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.ray
 def test_s3_round_trip(ray_cluster, s3_bucket, tokenizer, tmp_path):
     endpoint, bucket = s3_bucket
     rows = crafted_rows(tokenizer)
@@ -273,6 +275,7 @@ def test_s3_round_trip(ray_cluster, s3_bucket, tokenizer, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.ray
 def test_a_truncated_gzip_input_is_named(ray_cluster, tokenizer, tmp_path):
     """A cut .gz caption file used to end stage 1 with a bare "EOFError: Compressed file ended
     before the end-of-stream marker was reached" from a worker, naming no file."""

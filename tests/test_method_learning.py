@@ -48,6 +48,7 @@ def _training_latents(pipe: M2MPipeline, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_baby_m2m_follows_its_context():
     torch.manual_seed(0)
     pipe = M2MPipeline.from_preset(ModelConfig(preset="shapes"), M2MConfig(variant="self"),

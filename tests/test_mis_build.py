@@ -74,6 +74,7 @@ def built(ray_local, tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.ray
 def test_build_survives_actor_crash_and_verifies(built):
     cfg, summary = built
     layout = MISLayout(cfg.output_uri)
@@ -93,6 +94,7 @@ def test_build_survives_actor_crash_and_verifies(built):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.ray
 def test_formats_agree_and_standard_tools_read_them(built):
     import webdataset as wds
 
@@ -131,6 +133,7 @@ def test_formats_agree_and_standard_tools_read_them(built):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.ray
 def test_regenerated_set_is_identical_and_preview(built, tmp_path):
     cfg, _ = built
     sample = next(iter(iter_mis(cfg.output_uri)))
@@ -147,6 +150,7 @@ def test_regenerated_set_is_identical_and_preview(built, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.ray
 def test_rerun_skips_committed_and_refuses_other_settings(built):
     cfg, _ = built
     layout = MISLayout(cfg.output_uri)
@@ -161,6 +165,7 @@ def test_rerun_skips_committed_and_refuses_other_settings(built):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.ray
 def test_killed_driver_rerun_equals_uninterrupted_run(built, ray_local, tmp_path):
     """Kill build_mis.py (a job on the test's Ray) once a shard is committed, rerun it: the result
     equals the dataset built without interruption."""
@@ -198,6 +203,7 @@ def test_killed_driver_rerun_equals_uninterrupted_run(built, ray_local, tmp_path
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.ray
 def test_s3_output(ray_local, s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
     cfg = _config(tmp_path, f"s3://{bucket}/mis", images_per_caption=4, formats=["webdataset"])
@@ -221,6 +227,7 @@ def _stage1_files(root: str) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.ray
 def test_rerun_with_other_caption_settings_or_inputs_is_refused(built):
     """Issue 17.1: lines_per_shard 3 → 4 (or changed input bytes) over committed shards is refused
     with what changed and how to start over; an unchanged rerun keeps stage 1 untouched; stage 2
@@ -347,6 +354,7 @@ def single_thread():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_every_regenerated_image_is_bit_exact(single_thread):
     """Issue 17.3: PNG, one thread, captions_per_batch=2 and a vae_batch_size (3) that does not
     divide the set (25): every image of several sets regenerates exactly, alone."""
@@ -426,6 +434,7 @@ def test_non_finite_sets_are_retried_in_float32_or_rejected(single_thread, monke
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.ray
 def test_build_counts_rejected_sets_and_verifies(ray_local, tmp_path):
     """Issue 17.4 through stage 2: the NaN set is not stored, its shard's stats list it, the
     manifest and the run's summary count it, and verify accepts the dataset (but not NaN

@@ -46,6 +46,7 @@ def test_vae_reconstructions_keep_the_attributes():
     assert min(result[a] for a in world.SCORED) >= 0.93, result
 
 
+@pytest.mark.slow
 def test_teacher_follows_its_caption_through_the_stage_2_generator():
     import itertools
 

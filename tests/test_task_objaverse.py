@@ -258,6 +258,7 @@ def test_missing_root_and_bad_on_bad(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.ray
 def test_round_trip_on_s3(s3_bucket, written):
     endpoint, bucket = s3_bucket
     cfg = StorageConfig(endpoint_url=endpoint)

@@ -238,6 +238,7 @@ def test_image_roots_searched_in_order(copy, tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.ray
 def test_s3_round_trip(s3_bucket):
     from m2m_ray import storage
 

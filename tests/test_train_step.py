@@ -400,6 +400,7 @@ def test_checkpoint_round_trip_continues_exactly_and_exports(mis, tmp_path):
                          m2m={"variant": "dino"}))
 
 
+@pytest.mark.slow
 def test_resume_follows_the_new_schedule_and_refuses_what_cannot_change(mis, tmp_path):
     """Train 10 steps of a cosine schedule with max_steps=10, resume with max_steps=20: the lr
     goes on from the new schedule (lr × LRSchedule(new)(10) ≈ 5.9e-4 here, down to ≈ 7.6e-6 at step
@@ -497,6 +498,7 @@ def test_preview_honours_seed_and_dtype_and_refuses_resolution():
                     ["--samples.sample.resolution=32"])
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_reports_json():
     """benchmarks/train_step.py's measurement, one step per variant (the numbers: BENCHMARKS.md)."""
     import argparse
