@@ -142,6 +142,63 @@ def _event_types(events: list[str], verb: str) -> set[str]:
     return {m.group(1) for e in events if (m := re.match(rf"{verb} .* of type (\S+?)\.?( |$)", e))}
 
 
+# A job that makes the request Ray Data's cluster autoscaler makes for one generation actor (Ray
+# 2.60: per-actor ExecutionResources(num_cpus, num_gpus, memory) → request_resources bundle; the
+# actor's custom resources are not part of it), waits for a GPU node, then withdraws the request.
+_RAY_DATA_REQUEST = """
+import json, sys, time
+import ray
+from ray.autoscaler.sdk import request_resources
+from ray.data._internal.cluster_autoscaler.rate_based_cluster_autoscaler import _to_resource_bundle
+from ray.data._internal.execution.interfaces import ExecutionResources
+from m2m_ray.config import ActorPoolConfig
+from m2m_ray.runtime import actor_pool_args
+
+ray.init()
+args = actor_pool_args(ActorPoolConfig(**json.loads(sys.argv[1])), "generate.actors")
+bundle = _to_resource_bundle(ExecutionResources(cpu=args["num_cpus"], gpu=args["num_gpus"]))
+print("Ray Data bundle:", bundle, "actor:", args["resources"], flush=True)
+request_resources(bundles=[bundle])
+deadline = time.monotonic() + 90
+while not any(n["Alive"] and n["Resources"].get("GPU") for n in ray.nodes()):
+    assert time.monotonic() < deadline, "no GPU node within 90 s"
+    time.sleep(0.5)
+request_resources(bundles=[])
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_data_gpu_request_launches_the_stage_node_type(tmp_path):
+    """Issue 28: Ray Data's scale-up request for a generation actor ({GPU: 1, gen_gpu: 1}) carries
+    CPU and GPU only, so the autoscaler picks the node type by shape. It must pick gen_gpu_worker;
+    with the old fake shapes (train_gpu_worker shaped like gen_gpu_worker) the tie went to
+    train_gpu_worker every time."""
+    script = tmp_path / "ray_data_request.py"
+    script.write_text(_RAY_DATA_REQUEST)
+    pool = {"num_gpus": 1, "num_cpus": 1, "resources": {"gen_gpu": 1}, "max_actors": 2}
+    with ray_turn():
+        head, config = start_fake_cluster()
+        try:
+            job_id = head.job_client().submit_job(
+                entrypoint=f"python {script} '{json.dumps(pool)}'",
+                runtime_env={"working_dir": str(ROOT)})
+            status = wait_for_job(head, job_id, timeout_s=150)
+            logs = head.job_client().get_job_logs(job_id)
+            assert status == "SUCCEEDED", logs[-3000:]
+            assert "Ray Data bundle: {'CPU': 1.0, 'GPU': 1.0} actor: {'gen_gpu': 1}" in logs, logs
+            for _ in range(20):  # the autoscaler's log may trail the node by an update interval
+                added = _event_types(autoscaler_events(head), "Adding")
+                if added:
+                    break
+                time.sleep(0.5)
+            assert added == {"gen_gpu_worker"}, autoscaler_events(head)
+        finally:
+            head.stop()
+            shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(420)
