@@ -187,7 +187,7 @@ def test_ray_data_gpu_request_launches_the_stage_node_type(tmp_path):
             status = wait_for_job(head, job_id, timeout_s=150)
             logs = head.job_client().get_job_logs(job_id)
             assert status == "SUCCEEDED", logs[-3000:]
-            assert "Ray Data bundle: {'CPU': 1.0, 'GPU': 1.0} actor: {'gen_gpu': 1}" in logs, logs
+            assert "Ray Data bundle: {'CPU': 1.0, 'GPU': 1.0} actor: {'gen_gpu': 1.0}" in logs, logs
             for _ in range(20):  # the autoscaler's log may trail the node by an update interval
                 added = _event_types(autoscaler_events(head), "Adding")
                 if added:
