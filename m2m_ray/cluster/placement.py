@@ -39,11 +39,11 @@ def stage_bundle_problems(node_types: dict[str, dict[str, float]]) -> list[str]:
     """Where Ray Data's scale-up requests for a stage could launch another stage's node type.
 
     ``node_types``: node type name → its resources. For each GPU node type offering one of
-    ``DATA_POOL_RESOURCES``, every bundle one actor of its stage makes Ray Data request —
-    ``{CPU: c, GPU: 1}``, the custom resource dropped, for c = 1 .. the node's CPUs per GPU — must
-    score strictly best on that node type among all GPU node types (a tie goes to the name that
-    sorts last: ``train_gpu_worker`` beats ``gen_gpu_worker``). Returns one line per bundle that
-    does not."""
+    ``DATA_POOL_RESOURCES``, every bundle one actor of its stage (one GPU, as the project's pools
+    ask) makes Ray Data request — ``{CPU: c, GPU: 1}``, the custom resource dropped, for c = 1 ..
+    the node's CPUs per GPU — must score strictly best on that node type among all GPU node types
+    (a tie goes to the name that sorts last: ``train_gpu_worker`` beats ``gen_gpu_worker``).
+    Returns one line per node type where some bundle does not (naming the first)."""
     problems = []
     gpu_types = {name: r for name, r in node_types.items() if r.get("GPU", 0) > 0}
     for own, resources in gpu_types.items():
