@@ -247,7 +247,7 @@ def test_gpu_job_scales_fake_cluster_up_and_back_down(workload, tmp_path):
             if workload.gpu_resource:
                 assert all(r.get(workload.gpu_resource) == r["GPU"] for r in gpu_nodes.values()), (
                     f"GPU work asked for {workload.gpu_resource} but landed elsewhere: "
-                    f"{gpu_nodes}")
+                    f"{gpu_nodes}; autoscaler: {events}")
             workload.check(logs, tmp_path / "out", gpu_nodes)
             print(f"{workload.name}: head up in {head_up_s:.0f} s; job ran "
                   f"{finished - submitted:.0f} s on {len(gpu_nodes)} GPU nodes of {sorted(added)} "
