@@ -10,7 +10,10 @@ import yaml
 from m2m_ray.cluster import (
     ClusterConfigError,
     main,
+    node_types_of,
     placeholders,
+    pool_capacity_problems,
+    stage_bundle_problems,
     validate_cluster_yaml,
     validate_kuberay_manifests,
 )
@@ -141,6 +144,9 @@ BROKEN_CLOUD = {
                                       "export RAY_AUTH_TOKEN=abc; chmod 600"),
                           "sets RAY_AUTH_TOKEN"),
     "token not mounted": (_set("file_mounts", {}), "~/.ray/auth_token"),
+    "gen node as large as train": (
+        _set("available_node_types/gen_gpu_worker/resources", {"CPU": 96, "GPU": 8, "gen_gpu": 8}),
+        "scores train_gpu_worker at least as high"),
 }
 
 
@@ -159,6 +165,10 @@ BROKEN_FAKE = {
     "incomplete": (lambda config: config.pop("worker_start_ray_commands"),
                    "missing 'worker_start_ray_commands'"),
     "bad type": (_set("idle_timeout_minutes", "soon"), "idle_timeout_minutes"),
+    # the shapes before issue 28: Ray Data's {CPU: 1, GPU: 1} tied and went to train_gpu_worker
+    "train node shaped like gen": (
+        _set("available_node_types/train_gpu_worker/resources",
+             {"CPU": 1, "GPU": 1, "train_gpu": 1}), "scores train_gpu_worker at least as high"),
 }
 
 
@@ -232,6 +242,79 @@ def test_broken_rayjob_is_rejected(tmp_path, case):
     assert expected in str(err.value)
 
 
+def _autoscaler_picks(node_types: dict[str, dict], bundle: dict) -> str:
+    """The node type autoscaler v1 launches for one request_resources bundle on an empty cluster
+    (Ray 2.60 get_nodes_for with its default scorer)."""
+    from functools import partial
+
+    from ray.autoscaler._private.node_provider_availability_tracker import (
+        NodeAvailabilitySummary,
+    )
+    from ray.autoscaler._private.resource_demand_scheduler import (
+        _default_utilization_scorer,
+        get_nodes_for,
+    )
+
+    types = {name: {"resources": r, "max_workers": 2} for name, r in node_types.items()}
+    scorer = partial(_default_utilization_scorer,
+                     node_availability_summary=NodeAvailabilitySummary(node_availabilities={}))
+    added, left = get_nodes_for(types, {}, "head", 1, [bundle], utilization_scorer=scorer)
+    assert left == [] and sum(added.values()) == 1, (added, left)
+    return next(iter(added))
+
+
+def test_stage_bundle_check_agrees_with_the_autoscaler():
+    """The check flags exactly the shapes where Ray's own scheduler sends a generation actor's
+    Ray Data bundle (CPU, GPU; no gen_gpu) to another node type."""
+    bundle = {"CPU": 1.0, "GPU": 1.0}
+    tied = {"gen_gpu_worker": {"CPU": 1, "GPU": 1, "gen_gpu": 1},
+            "train_gpu_worker": {"CPU": 1, "GPU": 1, "train_gpu": 1}}
+    assert _autoscaler_picks(tied, bundle) == "train_gpu_worker"
+    assert "scores train_gpu_worker at least as high" in stage_bundle_problems(tied)[0]
+    for path in (FAKE_YAML, *CLOUD_YAMLS.values(), ROOT / "cluster/kuberay/raycluster.yaml"):
+        types = {name: r for name, (r, _) in node_types_of(path).items()}
+        gen = next(name for name, r in types.items() if "gen_gpu" in r)
+        assert stage_bundle_problems(types) == [], path
+        cpus_per_gpu = int(types[gen]["CPU"] // types[gen]["GPU"])
+        for cpus in range(1, cpus_per_gpu + 1):
+            assert _autoscaler_picks(types, {"CPU": float(cpus), "GPU": 1.0}) == gen, (path, cpus)
+
+
+def test_kuberay_gen_group_as_large_as_train_is_rejected(tmp_path):
+    def mutate(doc):
+        gen = next(g for g in doc["spec"]["workerGroupSpecs"] if "gen_gpu" in g.get("resources", {}))
+        gen["resources"]["gen_gpu"] = "8"
+        for container in gen["template"]["spec"]["containers"]:
+            container["resources"]["limits"].update({"cpu": "90", "nvidia.com/gpu": "8"})
+    path = _broken(tmp_path, ROOT / "cluster/kuberay/raycluster.yaml", mutate)
+    with pytest.raises(ClusterConfigError, match="scores train-gpu-workers at least as high"):
+        validate_kuberay_manifests(path)
+
+
+def test_pinned_gpu_pools_fit_their_node_type():
+    """configs/build_mis.yaml's generation pool fits every cluster that offers gen_gpu; a pool
+    larger than its node type, or unbounded, is refused (Ray Data would ask for the rest and the
+    autoscaler would launch training nodes for it)."""
+    job = yaml.safe_load((ROOT / "configs/build_mis.yaml").read_text())
+    for path in (*CLOUD_YAMLS.values(), ROOT / "cluster/kuberay/raycluster.yaml",
+                 ROOT / "cluster/kuberay/rayjob-build-mis.yaml"):
+        assert pool_capacity_problems(node_types_of(path), job) == [], path
+    aws = node_types_of(CLOUD_YAMLS["aws"])
+    gen_max = aws["gen_gpu_worker"][1]
+    assert job["generate"]["actors"]["max_actors"] == gen_max
+    too_many = copy.deepcopy(job)
+    too_many["generate"]["actors"]["max_actors"] = gen_max + 1
+    (problem,) = pool_capacity_problems(aws, too_many)
+    assert f"generate.actors.max_actors={gen_max + 1}" in problem and f"at most {gen_max}" in problem
+    unbounded = copy.deepcopy(job)
+    unbounded["generate"]["actors"]["max_actors"] = None
+    (problem,) = pool_capacity_problems(aws, unbounded)
+    assert "generate.actors.max_actors is not set" in problem
+    # a CPU pool, or a GPU pool not pinned to a node type, is not this check's concern
+    tiny = yaml.safe_load((ROOT / "configs/tiny/build_mis.yaml").read_text())
+    assert pool_capacity_problems(aws, tiny) == []
+
+
 def test_cli_checks_files_and_placeholders(capsys):
     paths = [str(p) for p in (*CLOUD_YAMLS.values(), FAKE_YAML, *KUBERAY)]
     assert main(paths) == 0
@@ -239,3 +322,8 @@ def test_cli_checks_files_and_placeholders(capsys):
     # --strict: the committed cloud files still carry REPLACE_ values to fill in before `ray up`
     assert main(["--strict", str(CLOUD_YAMLS["aws"])]) == 1
     assert main(["--strict", str(FAKE_YAML)]) == 0
+    # --job: the pipeline config's pinned GPU pools must fit each cluster
+    build_mis = str(ROOT / "configs/build_mis.yaml")
+    assert main(["--job", build_mis, *(str(p) for p in CLOUD_YAMLS.values())]) == 0
+    assert main(["--job", build_mis, str(ROOT / "cluster/kuberay/rayjob-train.yaml")]) == 1
+    assert "offers at most 0" in capsys.readouterr().err

@@ -10,9 +10,12 @@ for the fields a RayJob needs and the same rules.
 
     python -m m2m_ray.cluster cluster/aws.yaml cluster/gcp.yaml cluster/kuberay/*.yaml
     python -m m2m_ray.cluster --strict cluster/aws.yaml   # also fail on REPLACE_ placeholders left
+    python -m m2m_ray.cluster --job configs/build_mis.yaml cluster/aws.yaml  # its pools fit
 
 The pipelines place their work with these custom resources (one unit per GPU of the node):
-``gen_gpu`` for image generation (build_mis stage 2), ``train_gpu`` for training.
+``gen_gpu`` for image generation (build_mis stage 2), ``train_gpu`` for training. Ray Data's own
+scale-up requests drop them; ``placement`` checks where those land (shapes, and ``--job``: pool
+sizes).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+
+from m2m_ray.cluster.placement import pool_capacity_problems, stage_bundle_problems
 
 # custom resource → the work that requests it; a GPU node type offers exactly one of them.
 PIPELINE_RESOURCES = {"gen_gpu": "image generation (build_mis)", "train_gpu": "training (train)"}
@@ -125,6 +130,8 @@ def _node_type_problems(config: dict[str, Any]) -> list[str]:
                     f"{sorted(PIPELINE_RESOURCES)} with the same count as GPU ({gpus}), so the "
                     "pipelines land on the node type meant for them")
         offered.update(pipeline)
+    problems += stage_bundle_problems({name: node_type.get("resources", {}) for name, node_type
+                                       in config["available_node_types"].items() if name != head})
     for resource in sorted(set(PIPELINE_RESOURCES) - offered):
         problems.append(f"no node type offers '{resource}', which "
                         f"{PIPELINE_RESOURCES[resource]} requests; its jobs would never start")
@@ -232,6 +239,8 @@ def _ray_cluster_spec_problems(spec: dict[str, Any], where: str) -> list[str]:
     groups = spec.get("workerGroupSpecs") or []
     if not groups:
         problems.append(f"{where}.workerGroupSpecs is empty")
+    problems += [f"{where}: {p}" for p in stage_bundle_problems(
+        {name: resources for name, (resources, _) in _kuberay_node_types(spec).items()})]
     for group in groups:
         name = f"{where}.workerGroupSpecs[{group.get('groupName')}]"
         gpus = _gpu_limit(group.get("template", {}))
@@ -248,6 +257,25 @@ def _ray_cluster_spec_problems(spec: dict[str, Any], where: str) -> list[str]:
         elif pipeline:
             problems.append(f"{name} offers {pipeline} without nvidia.com/gpu limits")
     return problems
+
+
+def _cpu_limit(template: dict[str, Any]) -> float:
+    def cores(value: Any) -> float:
+        text = str(value)
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    return sum(cores(c.get("resources", {}).get("limits", {}).get("cpu", 0))
+               for c in _containers(template))
+
+
+def _kuberay_node_types(spec: dict[str, Any]) -> dict[str, tuple[dict[str, float], int]]:
+    """worker group name → (the Ray resources its pods advertise, maxReplicas)."""
+    types = {}
+    for group in spec.get("workerGroupSpecs") or []:
+        template = group.get("template", {})
+        resources = {"CPU": _cpu_limit(template), "GPU": float(_gpu_limit(template)),
+                     **{k: float(v) for k, v in (group.get("resources") or {}).items()}}
+        types[str(group.get("groupName"))] = (resources, int(group.get("maxReplicas") or 0))
+    return types
 
 
 def _ray_job_problems(job: dict[str, Any], where: str) -> list[str]:
@@ -310,6 +338,26 @@ def validate_kuberay_manifests(path: str | Path) -> list[dict[str, Any]]:
     return documents
 
 
+# ---------------------------------------------------------------------------------------------
+# A job's actor pools against a cluster's node types
+# ---------------------------------------------------------------------------------------------
+
+
+def node_types_of(path: str | Path) -> dict[str, tuple[dict[str, float], int]]:
+    """node type (or KubeRay worker group) → (its Ray resources, its max_workers/maxReplicas),
+    from a validated cluster YAML or KubeRay manifest (RayCluster, or a RayJob's cluster)."""
+    if _is_kuberay(Path(path)):
+        types = {}
+        for doc in validate_kuberay_manifests(path):
+            spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+            types.update(_kuberay_node_types(spec))
+        return types
+    config = validate_cluster_yaml(path)
+    return {name: (t.get("resources", {}), int(t.get("max_workers", 0)))
+            for name, t in config["available_node_types"].items()
+            if name != config["head_node_type"]}
+
+
 def _is_kuberay(path: Path) -> bool:
     documents = _load_documents(path)
     return bool(documents) and all(isinstance(d, dict) and "apiVersion" in d for d in documents)
@@ -320,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--strict", action="store_true",
                         help="also fail when REPLACE_ placeholders are left (before `ray up`)")
+    parser.add_argument("--job", type=Path, action="append", default=[],
+                        help="a pipeline config (e.g. configs/build_mis.yaml) whose pinned GPU "
+                             "actor pools must fit each cluster's node types; repeatable")
     args = parser.parse_args(argv)
     failed = False
     for path in args.paths:
@@ -328,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
                 validate_kuberay_manifests(path)
             else:
                 validate_cluster_yaml(path)
+            for job in args.job:
+                problems = pool_capacity_problems(node_types_of(path), _load_documents(job)[0])
+                if problems:
+                    raise ClusterConfigError(f"{path} with {job}:\n  " + "\n  ".join(problems))
         except (ClusterConfigError, OSError) as err:
             print(f"FAIL {err}", file=sys.stderr)
             failed = True
@@ -339,7 +394,3 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"ok   {path}" + (f" (still to fill in: {', '.join(left)})" if left else ""))
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
