@@ -43,11 +43,19 @@ import pytest
 def test_quick():
     pass
 
-def test_sleeps_unmarked():
-    time.sleep(0.6)
+def burn(seconds):  # CPU time, bounded
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+
+def test_burns_cpu_unmarked():
+    burn(0.6)
 
 @pytest.mark.slow
-def test_sleeps_marked_slow():
+def test_burns_cpu_marked_slow():
+    burn(0.6)
+
+def test_sleeps_unmarked():  # waiting is not CPU time: a loaded machine fails no quick test
     time.sleep(0.6)
 
 def test_uses_ray_unmarked(ray_local):
@@ -90,10 +98,11 @@ def _run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, slow_s: str
 def test_unmarked_slow_and_server_tests_fail_naming_the_marker(pytester, monkeypatch):
     result = _run(pytester, monkeypatch, "0.3")
     outcomes = result.parseoutcomes()
-    assert (outcomes.get("passed"), outcomes.get("failed"), outcomes.get("errors")) == (3, 3, 2), \
+    assert (outcomes.get("passed"), outcomes.get("failed"), outcomes.get("errors")) == (4, 3, 2), \
         result.stdout.str()
     result.stdout.fnmatch_lines_random([  # each failure's whole message, then the summary
-        "test_cases.py::test_sleeps_unmarked: its call took 0.* s > 0.3 s (M2M_TEST_SLOW_S) and it "
+        "test_cases.py::test_burns_cpu_unmarked: its call took 0.* s of CPU > 0.3 s (M2M_TEST_SLOW_S) "
+        "and it "
         "is not marked: add @pytest.mark.slow (or @pytest.mark.ray if it starts Ray or a server)*",
         "test_cases.py::test_uses_ray_unmarked uses ray_local (starts Ray or a server) but is not "
         "marked: add @pytest.mark.ray*",
@@ -103,7 +112,7 @@ def test_unmarked_slow_and_server_tests_fail_naming_the_marker(pytester, monkeyp
         "marked: add @pytest.mark.ray*",
         "test_cases.py::test_calls_start_head_unmarked calls start_head (starts Ray) but is not "
         "marked: add @pytest.mark.ray*",
-        "FAILED test_cases.py::test_sleeps_unmarked*", "FAILED test_cases.py::test_calls_ray_init*",
+        "FAILED test_cases.py::test_burns_cpu_unmarked*", "FAILED test_cases.py::test_calls_ray_init*",
         "FAILED test_cases.py::test_calls_start_head*", "ERROR test_cases.py::test_uses_ray_unm*",
         "ERROR test_cases.py::test_uses_s3_unmarked*",
     ])
@@ -113,9 +122,9 @@ def test_unmarked_slow_and_server_tests_fail_naming_the_marker(pytester, monkeyp
 @pytest.mark.timeout(120)
 def test_slow_bound_is_set_by_its_variable_and_checked(pytester, monkeypatch):
     off = _run(pytester, monkeypatch, "off").parseoutcomes()
-    assert (off.get("passed"), off.get("failed"), off.get("errors")) == (4, 2, 2)  # no slow rule
-    default = _run(pytester, monkeypatch, None).parseoutcomes()  # 10 s: the 0.6 s sleep passes
-    assert (default.get("passed"), default.get("failed")) == (4, 2)
+    assert (off.get("passed"), off.get("failed"), off.get("errors")) == (5, 2, 2)  # no slow rule
+    default = _run(pytester, monkeypatch, None).parseoutcomes()  # 10 s: the 0.6 s burn passes
+    assert (default.get("passed"), default.get("failed")) == (5, 2)
     bad = _run(pytester, monkeypatch, "ten")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*M2M_TEST_SLOW_S='ten': expected a positive number of seconds*"])

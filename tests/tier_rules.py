@@ -5,10 +5,11 @@ runs them on purpose-made tests with ``pytester``).
   of ``SERVER_FIXTURES`` fails at setup, before the fixture starts anything; one that calls
   ``ray.init`` or ``ray_head.start_head`` (itself, through a fixture or through library code) has
   the call refused and fails. Each message names the marker to add.
-* A test whose setup or call phase takes longer than ``M2M_TEST_SLOW_S`` seconds of wall time
-  (default 10) carries ``@pytest.mark.slow`` (or ``ray``); otherwise that phase fails, naming its
-  duration and the marker. On a loaded machine raise the bound (``M2M_TEST_SLOW_S=30``);
-  ``M2M_TEST_SLOW_S=off`` turns this check off.
+* A test whose setup or call phase takes longer than ``M2M_TEST_SLOW_S`` seconds (default 10) of
+  CPU time — this process's and that of the subprocesses it waited for (``os.times``), not wall
+  time, so a loaded machine (a CI box beside other work) never fails a quick test — carries
+  ``@pytest.mark.slow`` (or ``ray``); otherwise that phase fails, naming its CPU seconds and the
+  marker. ``M2M_TEST_SLOW_S=off`` turns this check off.
 
 So ``pytest -m "not slow and not ray"`` (the inner loop) holds only quick, server-free tests.
 """
@@ -24,6 +25,24 @@ SLOW_ENV = "M2M_TEST_SLOW_S"
 DEFAULT_SLOW_S = 10.0
 _SLOW_KEY = pytest.StashKey[object]()  # the bound in seconds, or None when off
 _STARTED = pytest.StashKey[list]()  # what an unmarked test tried to start, by name
+_CPU_S = pytest.StashKey[dict]()  # CPU seconds of each phase ("setup", "call") of a test
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its waited-for children so far."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def _timed(item: pytest.Item, when: str):
+    """Context of one phase: stores its CPU seconds in the item's stash."""
+    class Timer:
+        def __enter__(self):
+            self.start = cpu_seconds()
+
+        def __exit__(self, *exc):
+            item.stash.setdefault(_CPU_S, {})[when] = cpu_seconds() - self.start
+    return Timer()
 
 
 def slow_bound_s(value: str | None) -> float | None:
@@ -82,7 +101,7 @@ def pytest_runtest_setup(item: pytest.Item):
     if used:  # before the fixtures run: nothing is started
         pytest.fail(_add_ray(item, f"uses {', '.join(used)} (starts Ray or a server)"),
                     pytrace=False)
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    with pytest.MonkeyPatch.context() as monkeypatch, _timed(item, "setup"):
         _refuse_starts(item, monkeypatch)
         return (yield)
 
@@ -91,7 +110,7 @@ def pytest_runtest_setup(item: pytest.Item):
 def pytest_runtest_call(item: pytest.Item):
     if _marked(item, "ray"):
         return (yield)
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    with pytest.MonkeyPatch.context() as monkeypatch, _timed(item, "call"):
         _refuse_starts(item, monkeypatch)
         return (yield)
 
@@ -109,11 +128,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         started.clear()
         return report
     bound = item.config.stash[_SLOW_KEY]
-    if bound is not None and report.passed and report.duration > bound \
-            and not _marked(item, "slow"):
+    cpu_s = item.stash.get(_CPU_S, {}).get(report.when, 0.0)
+    if bound is not None and report.passed and cpu_s > bound and not _marked(item, "slow"):
         report.outcome = "failed"
         report.longrepr = (
-            f"{item.nodeid}: its {report.when} took {report.duration:.1f} s > {bound:g} s "
+            f"{item.nodeid}: its {report.when} took {cpu_s:.1f} s of CPU > {bound:g} s "
             f"({SLOW_ENV}) and it is not marked: add @pytest.mark.slow (or @pytest.mark.ray if it "
             f"starts Ray or a server), or make it faster (tests/tier_rules.py)")
     return report
