@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from m2m_ray.models import presets  # noqa: E402
 from m2m_ray.models.config import M2MConfig, ModelConfig  # noqa: E402
 from m2m_ray.models.image_set_attention import image_set_attention, visible_context  # noqa: E402
+from m2m_ray.models.m2m_unet import M2MUNet  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "masked", "dense")
 
@@ -234,8 +235,6 @@ def _guarded(*call) -> dict:
 
 
 def bench_step(args, device, dtype):
-    from m2m_ray.models.m2m_unet import M2MUNet
-
     model_cfg = ModelConfig(preset=args.preset)
     base = presets.load_unet(model_cfg, device, dtype)
     m2m = M2MUNet.from_preset(model_cfg, M2MConfig(variant="self"), device, dtype)

@@ -28,6 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from m2m_ray.mis.captions import run_captions_stage  # noqa: E402
+from m2m_ray.mis.config import BuildMISConfig  # noqa: E402
+from m2m_ray.models.config import ModelConfig  # noqa: E402
+from m2m_ray.models.presets import load_tokenizer  # noqa: E402
+
 CC12M_CAPTIONS = 12_423_374  # lines of cc12m.tsv
 
 _WORDS = (
@@ -143,11 +148,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-
-    from m2m_ray.mis.captions import run_captions_stage
-    from m2m_ray.mis.config import BuildMISConfig
-    from m2m_ray.models.config import ModelConfig
-    from m2m_ray.models.presets import load_tokenizer
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="caption-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,8 @@ PAPER_SETS_PER_GPU = 32  # paper, Appendix A: 256 sets per step on 8 GPUs
 def flops_on_meta(preset: str, variant: str, images_per_set: int) -> int:
     """``train_flops_per_set`` of the full-size model, built on the meta device (seconds, no
     memory: the count for an H200 run, made on any machine)."""
+    # local: torch and the model code load only where a measurement runs; the parent process that
+    # launches one subprocess per variant never imports them
     import torch
 
     from m2m_ray.models.config import M2MConfig, ModelConfig
@@ -77,6 +79,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def _measure(args: argparse.Namespace) -> dict:
+    # local: torch and the model code load only where a measurement runs; the parent process that
+    # launches one subprocess per variant never imports them (as in flops_on_meta)
     import torch
 
     from benchmarks.perf import profile_summary, sync

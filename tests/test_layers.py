@@ -4,12 +4,17 @@ Every import under m2m_ray/ counts — at module level, inside functions, under 
 — and must go to the importing module's own package or to a package of a strictly lower layer.
 The layer table is read from docs/design.md (between the ``layer-table`` markers), so the page and
 this test cannot drift apart.
+
+Also: a function-level import of m2m_ray (in m2m_ray/, pipelines/, benchmarks/) says why it is
+not at the module top, in a ``# local:`` comment.
 """
 
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,3 +321,77 @@ def test_main_guard_is_last() -> None:
                 late.append(f"{path.relative_to(ROOT)}:{body[index + 1].lineno}")
     assert not late, ("statements after the `if __name__ == \"__main__\":` block (they do not "
                       "exist yet when main() runs as a script): " + ", ".join(late))
+
+
+#: Where a function-level import of m2m_ray must say why it is not at the module top.
+LOCAL_IMPORT_DIRS = ("m2m_ray", "pipelines", "benchmarks")
+
+
+def unexplained_local_imports(path: Path, source: str | None = None) -> list[int]:
+    """Lines of the function-level imports of m2m_ray in a file that give no reason: a comment
+    containing ``local:`` on the statement's own lines, or in the comment lines right above it or
+    above an earlier statement of the same run of consecutive imports (one comment explains the
+    imports below it)."""
+    source = path.read_text(encoding="utf-8") if source is None else source
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string
+    lines = source.splitlines()
+    runs: dict[int, list[ast.stmt]] = {}  # line of an import → its run, up to and including it
+    for node in ast.walk(ast.parse(source, filename=str(path))):
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            block = getattr(node, field, None)
+            if not isinstance(block, list):
+                continue
+            run: list[ast.stmt] = []
+            for stmt in block:
+                run = [*run, stmt] if isinstance(stmt, (ast.Import, ast.ImportFrom)) else []
+                if run:
+                    runs[stmt.lineno] = run
+
+    def comment_above(line: int) -> bool:
+        while line > 1 and lines[line - 2].strip().startswith("#"):
+            line -= 1
+            if "local:" in comments.get(line, ""):
+                return True
+        return False
+
+    def explained(line: int) -> bool:
+        run = runs[line]
+        return (any("local:" in comments.get(n, "") for n in range(line, run[-1].end_lineno + 1))
+                or any(comment_above(stmt.lineno) for stmt in run))
+
+    return sorted({imp.line for imp in imports_of(path, source)
+                   if imp.in_function and package_of(imp.target) and not explained(imp.line)})
+
+
+def test_function_level_imports_say_why() -> None:
+    """Imports of m2m_ray sit at the module top; one that must stay inside a function (a heavy
+    or optional dependency only that function needs) says why in a ``# local:`` comment."""
+    sample = (
+        "def f():\n"
+        "    from m2m_ray.viz import arrow_tile\n"
+        "    # local: diffusers is heavy and only f needs it,\n"
+        "    # a second comment line\n"
+        "    import torch\n"
+        "\n"
+        "    from m2m_ray.models import m2m_unet\n"
+        "    from m2m_ray.models.presets import load_vae  # local: a reason\n"
+        "    x = 1  # local: not an import\n"
+        "    from m2m_ray import storage\n"
+        "    s = 'local:'\n"
+        "    from m2m_ray.formats import ids\n"
+    )
+    assert unexplained_local_imports(LIB / "viz.py", sample) == [2, 10, 12], (
+        "the local-import check of tests/test_layers.py misread its sample")
+    missing = [f"{path.relative_to(ROOT)}:{line}"
+               for directory in LOCAL_IMPORT_DIRS
+               for path in sorted((ROOT / directory).rglob("*.py"))
+               if "__pycache__" not in path.parts
+               for line in unexplained_local_imports(path)]
+    assert not missing, (
+        "function-level imports of m2m_ray without a reason: " + ", ".join(missing) + ". Move "
+        "each to the module top (ruff's isort order); if it must stay local (e.g. it pulls in "
+        "torch/diffusers/ray that the module's other users never need), say why in a comment "
+        "containing 'local:' on its line or right above its block of imports")

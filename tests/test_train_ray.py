@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_tree
 from safetensors.torch import load_file
 
 from m2m_ray import storage
 from m2m_ray.config import StorageConfig, load_config
 from m2m_ray.data.training import build_stream_dataset, plan_stream
-from conftest import copy_tree
-
 from m2m_ray.formats.mis import MISLayout
 from m2m_ray.mis.synthetic import write_synthetic_mis
 from m2m_ray.models.m2m_unet import WEIGHTS_NAME

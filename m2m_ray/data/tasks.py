@@ -15,10 +15,13 @@ Missing or misshapen conditions are an error naming the set or file, never a sil
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 
+from m2m_ray import storage
+from m2m_ray.formats.mis import CorruptShardError
 from m2m_ray.formats.tasks import TASK_KINDS, TaskDataError, condition_shape
 
 
@@ -51,8 +54,6 @@ def task_columns(task: dict[str, Any] | None, kinds: tuple[str, ...], indices: n
     order): ``camera`` float32 ``[N, 12]`` (``camera_inputs``: by default relative to the
     sample's first image), ``position`` float32 ``[N]``. Raises ``CorruptShardError`` naming
     ``where`` when the set lacks a kind or stores it with the wrong shape."""
-    from m2m_ray.formats.mis import CorruptShardError
-
     out = {}
     for kind in kinds:
         values = None if task is None else task.get(kind)
@@ -95,10 +96,6 @@ def sequence_conditions(task: dict[str, Any] | None, kinds: list[str], count: in
 def decode_task_file(uri: str, storage_cfg: Any = None) -> dict[str, Any]:
     """A user's task conditions file (``inputs.task_conditions``): JSON ``{"camera": [n][3][4]}``
     and/or ``{"position": [n]}``. Raises ``TaskDataError`` naming the file when it is not that."""
-    import json
-
-    from m2m_ray import storage
-
     try:
         task = json.loads(storage.read_bytes(uri, storage_cfg))
     except (OSError, ValueError) as err:

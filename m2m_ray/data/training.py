@@ -49,7 +49,8 @@ from m2m_ray.formats.mis import CorruptShardError
 from m2m_ray.formats.mis_read import check_set_count, decode_latents, iter_sets
 from m2m_ray.formats.rng import Salt
 from m2m_ray.models.config import M2MConfig, ModelConfig
-from m2m_ray.runtime import actor_pool_args, task_pool_args
+from m2m_ray.models.presets import get_preset, load_vae, vae_scale_factor
+from m2m_ray.runtime import actor_pool_args, pick_device, task_pool_args, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,6 @@ def plan_stream(cfg: TrainRun, shards: tuple[str, ...], mean_sets: float, stored
     """The stream of worker ``rank`` from ``start`` (None: its first item) to ``cfg.max_steps``;
     ``mean_sets``: mean sets per shard (all splits); ``stored_latents``: ``use_stored_latents``;
     ``shard_sets``: each shard's committed set count, checked when it is read (None: unchecked)."""
-    from m2m_ray.models.presets import (
-        get_preset,  # imports torch: not in every read task
-    )
-
     data = cfg.data
     sets_needed = (cfg.max_steps - first_step) * cfg.global_batch_size // world_size
     # Items are cheap rows and a read task runs only when its sets are needed, so plan generously
@@ -159,8 +156,6 @@ def plan_stream(cfg: TrainRun, shards: tuple[str, ...], mean_sets: float, stored
 def use_stored_latents(cfg: TrainRun, shards: tuple[str, ...]) -> bool:
     """Whether the dataset's stored latents are used, decided once per dataset from its first
     readable set (``build_mis`` refuses to mix keep_latents settings in one dataset)."""
-    from m2m_ray.models.presets import get_preset, vae_scale_factor
-
     mode = cfg.data.latents
     if mode == "encode":
         return False
@@ -334,9 +329,9 @@ class VaeEncoder:
     project's one VAE codec (``m2m_ray.models.codec.ImageCodec``)."""
 
     def __init__(self, model: dict, num_gpus: float, batch_size: int):
+        # local: models.codec imports torch and diffusers (seconds); every read task imports this
+        # module and needs neither, only the VAE actors do
         from m2m_ray.models.codec import ImageCodec
-        from m2m_ray.models.presets import load_vae
-        from m2m_ray.runtime import pick_device, torch_dtype
 
         device = pick_device(num_gpus, "data.vae_actors")
         vae = load_vae(ModelConfig.model_validate(model), device, torch_dtype("bfloat16", device))

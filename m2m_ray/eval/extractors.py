@@ -42,7 +42,9 @@ from m2m_ray.eval.inception import (
     resize_image,
     scale_input,
 )
+from m2m_ray.eval.shapes_extractors import ShapesExtractors, describe_shapes
 from m2m_ray.formats.rng import Salt
+from m2m_ray.models.clip_tokenizer import clip_tokenizer
 
 if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig
@@ -213,8 +215,6 @@ def describe_extractors(cfg: "EvalExtractorsConfig") -> dict:
     {backbone, model, preprocess}, "dino": {backbone, model, preprocess} | None}``. Shapes: the
     read-out instead. Raises ``FileNotFoundError`` when a local model's config is unreadable."""
     if cfg.kind == "shapes":
-        from m2m_ray.eval.shapes_extractors import describe_shapes
-
         return describe_shapes()
     from types import SimpleNamespace
 
@@ -256,8 +256,6 @@ class Extractors:
 
     def __init__(self, cfg: "EvalExtractorsConfig", device: str = "cpu",
                  storage: "StorageConfig | None" = None) -> None:
-        from m2m_ray.models.clip_tokenizer import clip_tokenizer
-
         self.kind = cfg.kind
         self.device = torch.device(device)
         self.image_batch_size = cfg.image_batch_size
@@ -348,7 +346,5 @@ def load_extractors(cfg: "EvalExtractorsConfig", device: str = "cpu",
                     storage: "StorageConfig | None" = None):
     """The extractors ``cfg.kind`` names: ``Extractors`` (real, tiny) or ``ShapesExtractors``."""
     if cfg.kind == "shapes":
-        from m2m_ray.eval.shapes_extractors import ShapesExtractors
-
         return ShapesExtractors(cfg.image_batch_size, device)
     return Extractors(cfg, device, storage)

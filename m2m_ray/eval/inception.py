@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from m2m_ray import storage as st
+
 if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig
 
@@ -306,7 +308,6 @@ def _read_checkpoint(source: str, storage: "StorageConfig | None") -> bytes:
             os.replace(cache + ".partial", cache)
         with open(cache, "rb") as f:
             return f.read()
-    from m2m_ray import storage as st
 
     return st.read_bytes(source, storage)
 

@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from m2m_ray import storage as st
 from m2m_ray.config import config_to_dict
 from m2m_ray.eval.config import EvalConfig
+from m2m_ray.eval.report import build_report, write_reports
 from m2m_ray.eval.stats import (
     FrechetReference,
     GroupStats,
@@ -83,7 +85,8 @@ class SetFeatureExtractor:
     """Ray Data actor: a batch of sets → one row per image with features and CLIP scores."""
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
-
+        # local: eval.extractors imports torch; the CPU tasks of reduce_partials import this module
+        # and never need it, only the feature actors and the driver do
         from m2m_ray.eval.extractors import load_extractors
 
         self.cfg = EvalConfig.model_validate(cfg_dict)
@@ -253,9 +256,8 @@ def evaluate_generations(cfg: EvalConfig, generations_uri: str) -> dict[str, Any
     ``cfg.output_uri`` (default ``<generations>/eval``) and returns the report dict."""
     import ray
 
-    from m2m_ray import storage as st
+    # local: torch, as in SetFeatureExtractor
     from m2m_ray.eval.extractors import describe_extractors
-    from m2m_ray.eval.report import build_report, write_reports
 
     started = time.time()
     extractors = describe_extractors(cfg.extractors)  # before any Ray work: names every backbone

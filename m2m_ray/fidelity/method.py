@@ -51,16 +51,17 @@ from m2m_ray.fidelity.scoring import CHANCE, agreement_by_value
 from m2m_ray.fidelity.scoring import teacher_images as teacher_images_of
 from m2m_ray.formats.mis_read import iter_mis
 from m2m_ray.formats.rng import Salt
+from m2m_ray.sampling.config import SampleConfig
+from m2m_ray.sampling.pipeline import M2MPipeline
 from m2m_ray.shapes import world
 from m2m_ray.shapes.readout import AttributeReadout
 from m2m_ray.shapes.world import HELD_OUT, SCORED
+from m2m_ray.viz import arrow_tile, contact_sheet
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from m2m_ray.config import StorageConfig
-    from m2m_ray.sampling.config import SampleConfig
-    from m2m_ray.sampling.pipeline import M2MPipeline
 
 
 @dataclass
@@ -159,8 +160,6 @@ def measure_fidelity(pipe: "M2MPipeline", sets: ContextSets, ks: Sequence[int],
     (``rows[-1]["examples"]`` holds image arrays; ``write_fidelity_report`` leaves them out).
 
     Raises ``ValueError`` when a K exceeds the context images the sets hold."""
-    from m2m_ray.sampling.config import SampleConfig
-
     readout = readout or AttributeReadout.load()
     if max(ks) > sets.images.shape[1]:
         raise ValueError(f"K up to {max(ks)} but the {sets.name} sets hold "
@@ -301,8 +300,6 @@ def render_fidelity_plot(results: dict[str, Any]) -> "Figure":
 
 def fidelity_sheet(source: dict[str, Any], thumb: int = 64) -> Image.Image:
     """Contact sheet of the largest K's first sets: context | arrow | generated, caption below."""
-    from m2m_ray.viz import arrow_tile, contact_sheet
-
     examples = source["rows"][-1]["examples"]
     rows = []
     for context, generated, text in zip(examples["context"], examples["generated"],
@@ -332,8 +329,6 @@ def write_fidelity_report(results: dict[str, Any], cfg: MethodFidelityConfig) ->
 def run_method_fidelity(cfg: MethodFidelityConfig, command: str = "") -> dict[str, Any]:
     """Every context source of the module docstring, then the drift run; returns the results
     (``rows[-1]["examples"]`` hold image arrays)."""
-    from m2m_ray.sampling.pipeline import M2MPipeline
-
     torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     pipe = M2MPipeline.from_pretrained(cfg.model_path, storage=cfg.storage)

@@ -11,18 +11,17 @@ model that draws one image 25 times scores 0).
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from m2m_ray.formats.rng import Salt
+from m2m_ray.mis.config import GenerateConfig
+from m2m_ray.models.config import ModelConfig
 from m2m_ray.shapes import world
 from m2m_ray.shapes.evaluate import agreement
 from m2m_ray.shapes.readout import AttributeReadout
 from m2m_ray.shapes.world import SCORED
-
-if TYPE_CHECKING:
-    from m2m_ray.models.config import ModelConfig
 
 #: 1 / number of values, per scored attribute.
 CHANCE = {name: round(1 / len(values), 4) for name, values in world.ATTRIBUTES.items()}
@@ -73,9 +72,9 @@ def teacher_images(model: "str | ModelConfig", captions: Sequence[str], images_p
     ``ModelConfig`` (e.g. the shapes preset with ``sd_model_id`` set to retrained weights).
 
     Raises ``RuntimeError`` when a set comes out non-finite."""
-    from m2m_ray.mis.config import GenerateConfig
+    # local: mis.generate imports diffusers and transformers (seconds); mis_report and
+    # benchmarks/shapes_world use this module without the teacher
     from m2m_ray.mis.generate import SDSetGenerator
-    from m2m_ray.models.config import ModelConfig
 
     cfg = GenerateConfig(images_per_caption=images_per_caption, num_inference_steps=steps,
                          guidance_scale=guidance_scale, height=32, width=32, base_seed=seed,

@@ -36,6 +36,10 @@ from m2m_ray.data.tasks import camera_inputs
 from m2m_ray.fidelity.config import TaskFidelityConfig, parse_config
 from m2m_ray.fidelity.report import pyplot, write_report
 from m2m_ray.formats.mis_read import iter_mis
+from m2m_ray.models.embedders import TaskConditions
+from m2m_ray.sampling.pipeline import M2MPipeline
+from m2m_ray.shapes.procedures import read_step
+from m2m_ray.shapes.views import azimuth_error, camera_azimuth, read_azimuth
 from m2m_ray.viz import contact_sheet
 
 if TYPE_CHECKING:
@@ -57,8 +61,6 @@ def choose(task: str, rng: np.random.Generator, n: int, K: int, M: int) -> np.nd
 def conditions(task: str, stored: dict, indices: np.ndarray, camera_frame: str):
     """The trial's ``TaskConditions`` ``[1, K + M]`` from a set's stored ``task`` column (cameras
     made relative to the first image when ``camera_frame`` is relative)."""
-    from m2m_ray.models.embedders import TaskConditions
-
     if task == "views":
         camera = camera_inputs(np.asarray(stored["camera"])[indices], camera_frame)  # (K+M, 12)
         return TaskConditions(camera=torch.from_numpy(camera)[None])
@@ -70,19 +72,13 @@ def read(task: str, image: np.ndarray) -> float:
     """The read-out of a uint8 ``[H, W, 3]`` image: its azimuth in degrees (NaN: unreadable), or
     its step."""
     if task == "views":
-        from m2m_ray.shapes.views import read_azimuth
-
         return float(read_azimuth(image))
-    from m2m_ray.shapes.procedures import read_step
-
     return float(read_step(image))
 
 
 def requested(task: str, stored: dict, index: int) -> float:
     """What image ``index`` of a set shows: its camera's azimuth in degrees, or its step."""
     if task == "views":
-        from m2m_ray.shapes.views import camera_azimuth
-
         return float(camera_azimuth(np.asarray(stored["camera"])[index]))
     return float(stored["position"][index])
 
@@ -92,8 +88,6 @@ def score(task: str, got: list[float], want: list[float]) -> dict[str, float]:
     accuracy."""
     got_a, want_a = np.asarray(got), np.asarray(want)
     if task == "views":
-        from m2m_ray.shapes.views import azimuth_error
-
         errors = np.where(np.isnan(got_a), 180.0, azimuth_error(got_a, want_a))
         return {"median_azimuth_error_deg": float(np.median(errors)),
                 "mean_azimuth_error_deg": float(np.mean(errors)),
@@ -106,8 +100,6 @@ def run_task_fidelity(cfg: TaskFidelityConfig, command: str = ""
                       ) -> tuple[dict[str, Any], list[tuple[str, list[Image.Image]]]]:
     """Every trial of the module docstring; returns the JSON-ready results and the contact sheet's
     rows (the first 8 sets)."""
-    from m2m_ray.sampling.pipeline import M2MPipeline
-
     torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     pipe = M2MPipeline.from_pretrained(cfg.model_path, storage=cfg.storage)

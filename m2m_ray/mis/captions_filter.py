@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from m2m_ray import storage
 from m2m_ray.formats import ids
 from m2m_ray.mis.captions_read import ReadUnit, iter_unit_lines
+from m2m_ray.models.presets import load_tokenizer
 
 if TYPE_CHECKING:
     from m2m_ray.config import StorageConfig
@@ -62,8 +63,6 @@ def tokenizer_definition(model: "ModelConfig") -> str:
     Loaded once on the driver and shipped to the workers: they rebuild it with the light
     ``tokenizers`` package alone (≈ 0.3 s instead of importing transformers and torch, ≈ 5 s per
     worker) and need no model hub or cache of their own. Same ids as ``tokenizer(text)``."""
-    from m2m_ray.models.presets import load_tokenizer
-
     return load_tokenizer(model).backend_tokenizer.to_str()
 
 

@@ -18,6 +18,7 @@ from m2m_ray.formats.ids import image_seed, split_of
 from m2m_ray.formats.mis import MISLayout, SetRecord, ShardWriter, latents_to_npy
 from m2m_ray.models.codec import ImageCodec
 from m2m_ray.models.config import ModelConfig
+from m2m_ray.models.presets import load_vae
 
 
 def _set_pixels(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
@@ -45,8 +46,6 @@ def write_synthetic_mis(root: str, num_shards: int = 2, sets_per_shard: int = 2,
                         keep_latents: bool = True, model: ModelConfig | None = None,
                         test_fraction: float = 0.0, seed: int = 0) -> list[int]:
     """Write and commit ``num_shards`` shards under ``root``; returns their shard ids."""
-    from m2m_ray.models.presets import load_vae
-
     layout = MISLayout(root)
     codec = ImageCodec(load_vae(model or ModelConfig(preset="tiny"))) if keep_latents else None
     rng = np.random.default_rng(seed)

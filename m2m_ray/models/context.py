@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from m2m_ray.models.presets import get_preset, load_dino
+
 if TYPE_CHECKING:
     from m2m_ray.models.config import ModelConfig
 
@@ -124,8 +126,6 @@ class DinoEncoder(nn.Module):
 
     @classmethod
     def from_preset(cls, model: "ModelConfig", device=None, dtype=None) -> "DinoEncoder":
-        from m2m_ray.models.presets import get_preset, load_dino
-
         encoder = cls(load_dino(model), get_preset(model).dino_resolution)
         return encoder.to(device=device, dtype=dtype)
 

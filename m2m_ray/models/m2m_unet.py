@@ -70,6 +70,7 @@ from m2m_ray.models.image_set_attention import (
     install_image_set_attention,
     kept_rows,
 )
+from m2m_ray.models.presets import _from_hub, get_preset, load_unet, unet_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -96,8 +97,6 @@ class InitReport:
 
 
 def _dino_hidden_size(model: ModelConfig) -> int:
-    from m2m_ray.models.presets import _from_hub, get_preset
-
     preset = get_preset(model)
     if preset.dino_model_id:
         from transformers import Dinov2Config
@@ -141,8 +140,6 @@ class M2MUNet(nn.Module):
     def from_preset(cls, model: ModelConfig, config: M2MConfig, device=None,
                     dtype=None) -> "M2MUNet":
         """Base-UNet weights from the preset (SD for sd21-base), the new modules seeded fresh."""
-        from m2m_ray.models.presets import load_unet, unet_config
-
         dino_width = _dino_hidden_size(model) if config.variant == "dino" else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model.seed + Salt.IMAGE_SET_ATTENTION_INIT)

@@ -40,6 +40,7 @@ from m2m_ray.models.embedders import TaskConditions
 from m2m_ray.progress import JobProgress
 from m2m_ray.runtime import actor_pool_args, pick_device, task_errors_as, torch_dtype
 from m2m_ray.sampling.config import GenerateJobConfig
+from m2m_ray.sampling.pipeline import M2MPipeline
 from m2m_ray.sampling.sampler import set_seed
 from m2m_ray.storage import save_config
 from m2m_ray.viz import arrow_tile, contact_sheet, png_bytes
@@ -51,8 +52,6 @@ log = logging.getLogger(__name__)
 
 
 def load_pipeline(cfg: GenerateJobConfig, device: torch.device):
-    from m2m_ray.sampling.pipeline import M2MPipeline
-
     dtype = torch_dtype(cfg.sample.dtype, device)
     if cfg.model_path:
         pipe = M2MPipeline.from_pretrained(cfg.model_path, device=device, dtype=dtype,

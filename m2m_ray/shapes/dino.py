@@ -52,7 +52,9 @@ from torch import nn
 
 from m2m_ray.formats.rng import Salt
 from m2m_ray.models.context import IMAGENET_MEAN, IMAGENET_STD
+from m2m_ray.models.presets import SHAPES_DINO_CONFIG
 from m2m_ray.shapes import world
+from m2m_ray.shapes.readout import to_tensor
 from m2m_ray.shapes.world import render_batch
 
 TEMPERATURE = 0.2
@@ -154,9 +156,6 @@ def train_dino(out: Path, steps: int, seed: int, batch: int = 128, lr: float = 2
 
     from transformers import Dinov2Config, Dinov2Model
 
-    from m2m_ray.models.presets import SHAPES_DINO_CONFIG
-    from m2m_ray.shapes.readout import to_tensor
-
     torch.manual_seed(seed)
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     dino = Dinov2Model(Dinov2Config(**SHAPES_DINO_CONFIG)).train()
@@ -199,8 +198,6 @@ def train_dino(out: Path, steps: int, seed: int, batch: int = 128, lr: float = 2
 
 @torch.no_grad()
 def _pooled(dino: nn.Module, images: np.ndarray) -> torch.Tensor:
-    from m2m_ray.shapes.readout import to_tensor
-
     x = to_tensor(images)
     return torch.cat([features(dino, x[i:i + 500]).mean(1) for i in range(0, len(x), 500)])
 

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from m2m_ray.models.clip_tokenizer import clip_tokenizer
+from m2m_ray.models.presets import SD21_SCHEDULER_CONFIG
 
 UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
@@ -46,8 +47,6 @@ def build_teacher():
 def teacher_scheduler():
     """SD-2.1's noise schedule (the sampler is chosen at generation time)."""
     import diffusers
-
-    from m2m_ray.models.presets import SD21_SCHEDULER_CONFIG
 
     return diffusers.DDIMScheduler.from_config(SD21_SCHEDULER_CONFIG)
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from m2m_ray.formats.rng import Salt
 from m2m_ray.shapes import evaluate, world
+from m2m_ray.shapes.dino import train_dino
 from m2m_ray.shapes.readout import HEADS, AttributeReadout, ReadoutNet, to_tensor
 from m2m_ray.shapes.teacher import (
     build_teacher,
@@ -267,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {"readout": (3000, 128), "vae": (4000, 32), "teacher": (8000, 128),
                 "dino": (5000, 128)}[args.what]
     steps, batch = args.steps or defaults[0], args.batch or defaults[1]
-    from m2m_ray.shapes.dino import train_dino
 
     fn = {"readout": train_readout, "vae": train_vae, "teacher": train_teacher,
           "dino": train_dino}[args.what]

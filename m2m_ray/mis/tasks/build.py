@@ -47,6 +47,8 @@ from m2m_ray.formats.mis import MISLayout, SetRecord, ShardWriter
 from m2m_ray.formats.tasks import TaskDataError
 from m2m_ray.mis.shards import build_shards, progress_uri, shard_row, write_shard
 from m2m_ray.mis.tasks import TaskReadReport, TaskSet
+from m2m_ray.mis.tasks.objaverse import list_objects, read_object
+from m2m_ray.mis.tasks.vgsi import list_articles, read_article
 from m2m_ray.progress import JobProgress
 
 CONFIG_NAME = "task_dataset_config.json"
@@ -90,12 +92,8 @@ class TaskDatasetConfig(StrictModel):
 def list_units(cfg: TaskDatasetConfig) -> list[Any]:
     """The source's units in a stable order (JSON-serializable)."""
     if cfg.kind == "objaverse":
-        from m2m_ray.mis.tasks.objaverse import list_objects
-
         units: list[Any] = list_objects(cfg.source, cfg.storage)
     else:
-        from m2m_ray.mis.tasks.vgsi import list_articles
-
         units = list_articles(cfg.source, cfg.storage)
     return units[: cfg.max_units] if cfg.max_units else units
 
@@ -103,11 +101,7 @@ def list_units(cfg: TaskDatasetConfig) -> list[Any]:
 def read_unit(cfg: TaskDatasetConfig, unit: Any, report: TaskReadReport) -> list[TaskSet]:
     """The sets of one unit; raises ``TaskDataError`` naming the file (``on_bad: error``)."""
     if cfg.kind == "objaverse":
-        from m2m_ray.mis.tasks.objaverse import read_object
-
         return [read_object(cfg.source, unit, cfg.storage, views=cfg.views, order=cfg.view_order)]
-    from m2m_ray.mis.tasks.vgsi import read_article
-
     return read_article(cfg.source, unit, cfg.image_root, cfg.storage, on_bad=cfg.on_bad,
                         report=report, min_steps=cfg.min_steps)
 
