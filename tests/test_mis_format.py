@@ -235,3 +235,9 @@ def test_read_mis_round_trips_every_field_and_an_added_one(ray_local, mis, rated
         assert [from_stored_row(row, None, "row") for row in rows] == expected
     empty = read_mis(old.root, "parquet", split="nothing", columns=["caption_id", "rating"])
     assert empty.count() == 0
+
+
+def test_an_unknown_format_is_refused_not_read_as_empty(tmp_path):
+    """``"wds"`` matched no shard's formats and read as an empty dataset (a new user's finding)."""
+    with pytest.raises(ValueError, match=r"MIS format 'wds': expected 'parquet' or 'webdataset'"):
+        list(iter_mis(str(tmp_path), "wds"))

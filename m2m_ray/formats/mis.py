@@ -270,7 +270,10 @@ def write_manifest(layout: MISLayout, expected_shards: list[int], extra: dict[st
 
 def committed_shards(root: str, fmt: Format, storage_cfg: StorageConfig | None = None
                      ) -> list[tuple[str, dict[str, Any]]]:
-    """``(uri, stats)`` of every committed shard of ``fmt`` under a MIS root, in shard order."""
+    """``(uri, stats)`` of every committed shard of ``fmt`` under a MIS root, in shard order.
+    Raises ``ValueError`` for a format that is neither (it would match no shard: an empty read)."""
+    if fmt not in ("parquet", "webdataset"):
+        raise ValueError(f"MIS format {fmt!r}: expected 'parquet' or 'webdataset'")
     layout = MISLayout(root, storage_cfg)
     path = layout.parquet if fmt == "parquet" else layout.webdataset
     return [(path(sid), stats) for sid, stats in sorted(layout.committed_stats().items())

@@ -15,7 +15,8 @@ The callback is called after every denoising step (``StepEvent``) and after ever
 (``ImageEvent``), in order: for each image k = 0 .. M-1 its steps 0 .. steps-1, then its image.
 It returns None to go on or ``STOP`` to end sampling: a stop at a step drops the image being
 denoised, a stop at an image keeps it; the call returns the M' ≤ M images finished by then (the
-same bits as the first M' images of a run that did not stop). Any other return value is a
+same latents as the first M' images of a run that did not stop; the same pixels too with
+``vae_batch_size=1``, since M2M-Self's returned images are decoded in chunks of that size). Any other return value is a
 ``TypeError`` (a diffusers ``callback_on_step_end`` returns a dict of tensors; this is not that
 API). Rows of the tensors are the sets being sampled together: ``sets`` gives their positions in
 the caller's list (``M2MPipeline.generate``'s ``image_sets``; the sampler's batch rows) and

@@ -182,18 +182,23 @@ class M2MPipeline:
         wanted = torch_dtype(spec.dtype, self.device)
         if self.unet.dtype != wanted:
             have = str(self.unet.dtype).removeprefix("torch.")
+            if self.device.type != "cuda":  # no dtype setting runs other weights than float32 here
+                raise ValueError(
+                    f"this pipeline's weights are {have} on {self.device.type}, where sampling "
+                    "runs in float32 whatever SampleConfig.dtype says: load it in float32 "
+                    "(M2MPipeline.from_pretrained(..., dtype=None or torch.float32)), or on a GPU")
             raise ValueError(
                 f"SampleConfig.dtype is {spec.dtype!r} ({str(wanted).removeprefix('torch.')} on "
                 f"{self.device.type}) but this pipeline's weights are {have}: pass dtype={have!r} "
                 "(--sample.dtype), or load the pipeline in that dtype "
-                f"(M2MPipeline.from_pretrained(..., dtype=torch.{spec.dtype}) on a GPU)")
+                f"(M2MPipeline.from_pretrained(..., dtype=torch.{spec.dtype}))")
 
     # --- sampling --------------------------------------------------------------------------------
 
     def preprocess(self, images: Sequence[Image.Image], resolution: int | None = None
                    ) -> torch.Tensor:
         """Images of any size/mode → ``[K, 3, R, R]`` in [0, 1] at ``resolution`` (default: the
-        preset's), by the project's one square fit (``m2m_ray.data.image_inputs.fit_square``)."""
+        preset's), by the project's one square fit (``m2m_ray.formats.images.fit_square``)."""
         size = resolution or self.resolution
         if not images:
             return torch.zeros(0, 3, size, size)
